@@ -1,0 +1,65 @@
+"""Turn the scheduled sequences of one step into the model's inputs and :class:`BatchMeta`.
+
+Host-side work is a handful of list concatenations and one ``torch.tensor`` per field; the device
+copies are non-blocking from pinned memory on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deltaserve.forward_context import BatchMeta
+
+
+@dataclass
+class SeqInput:
+    token_ids: list[int]  # the tokens computed this step (1 for a decode)
+    context_len: int  # tokens already in the cache / state before this step
+    state_slot: int
+    block_table: list[int]
+
+
+def build_batch(seqs: list[SeqInput], block_size: int, device: torch.device, pad_block: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, BatchMeta]:
+    """Decodes must come first: ``num_decodes`` counts the leading one-token sequences with context."""
+    num_decodes = 0
+    for s in seqs:
+        if len(s.token_ids) == 1 and s.context_len > 0:
+            num_decodes += 1
+        else:
+            break
+    ids, positions, slot_mapping, qsl = [], [], [], [0]
+    for s in seqs:
+        n = len(s.token_ids)
+        ids += s.token_ids
+        pos = range(s.context_len, s.context_len + n)
+        positions += pos
+        slot_mapping += [s.block_table[p // block_size] * block_size + p % block_size for p in pos]
+        qsl.append(qsl[-1] + n)
+    max_blocks = max(1, max(len(s.block_table) for s in seqs))
+    tables = [s.block_table + [pad_block] * (max_blocks - len(s.block_table)) for s in seqs]
+    ctx = [s.context_len for s in seqs]
+    seq_lens = [s.context_len + len(s.token_ids) for s in seqs]
+    pin = device.type == "cuda"
+
+    def t(x, dtype):
+        cpu = torch.tensor(x, dtype=dtype, pin_memory=pin)
+        return cpu.to(device, non_blocking=True) if pin else cpu
+
+    qsl_cpu, ctx_cpu = torch.tensor(qsl, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32)
+    meta = BatchMeta(
+        num_decodes=num_decodes,
+        query_start_loc=qsl_cpu.to(device),
+        seq_lens=t(seq_lens, torch.int32),
+        context_lens=ctx_cpu.to(device),
+        state_slots=t([s.state_slot for s in seqs], torch.int32),
+        block_tables=t(tables, torch.int32),
+        slot_mapping=t(slot_mapping, torch.int64),
+        positions=t(positions, torch.int64),
+        max_query_len=max(len(s.token_ids) for s in seqs),
+        query_start_loc_cpu=qsl_cpu,
+        context_lens_cpu=ctx_cpu,
+    )
+    return t(ids, torch.int64), meta.positions, meta

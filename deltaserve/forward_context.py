@@ -1,0 +1,96 @@
+"""Per-step batch metadata, handed to the layers through one guarded context.
+
+A step's tokens are packed (no padding between sequences): the first ``num_decodes`` sequences
+decode exactly one token each, the rest are prefills or prefill chunks. Layers whose work depends on
+the batch (GDN state, paged attention) read :func:`get_batch` inside their custom ops, so neither
+every ``forward`` signature nor ``torch.compile``'s graphs carry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class BatchMeta:
+    num_decodes: int  # sequences [0, num_decodes) decode one token each
+    query_start_loc: torch.Tensor  # [B + 1] int32: token offsets of each sequence
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step
+    context_lens: torch.Tensor  # [B] int32: tokens computed before this step
+    state_slots: torch.Tensor  # [B] int32: each sequence's GDN state slot
+    block_tables: torch.Tensor  # [B, max_blocks] int32: each sequence's KV blocks
+    slot_mapping: torch.Tensor  # [T] int64: flat KV slot of each new token (< 0: padding)
+    positions: torch.Tensor  # [T] int64: absolute position of each token
+    max_query_len: int  # host-side bound for prefill kernels
+    # Host copies for the CPU reference path and for building prefill views (never used in graphs).
+    query_start_loc_cpu: torch.Tensor | None = None
+    context_lens_cpu: torch.Tensor | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.state_slots.shape[0]
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_seqs - self.num_decodes
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+    @cached_property
+    def prefill(self) -> PrefillView:
+        """The prefill sequences' metadata, re-based to start at token ``num_decodes`` (built once per step)."""
+        d = self.num_decodes
+        qsl = self.query_start_loc[d:] - d
+        qsl_cpu = self.query_start_loc_cpu[d:] - d if self.query_start_loc_cpu is not None else qsl.cpu()
+        ctx_cpu = self.context_lens_cpu[d:] if self.context_lens_cpu is not None else self.context_lens[d:].cpu()
+        return PrefillView(
+            query_start_loc=qsl,
+            query_start_loc_cpu=qsl_cpu,
+            context_lens=self.context_lens[d:],
+            context_lens_cpu=ctx_cpu,
+            seq_lens=self.seq_lens[d:],
+            state_slots=self.state_slots[d:],
+            block_tables=self.block_tables[d:],
+            has_initial_state=self.context_lens[d:] > 0,
+        )
+
+
+@dataclass
+class PrefillView:
+    query_start_loc: torch.Tensor  # [P + 1] int32, starting at 0
+    query_start_loc_cpu: torch.Tensor
+    context_lens: torch.Tensor  # [P]
+    context_lens_cpu: torch.Tensor
+    seq_lens: torch.Tensor  # [P]
+    state_slots: torch.Tensor  # [P]
+    block_tables: torch.Tensor  # [P, max_blocks]
+    has_initial_state: torch.Tensor  # [P] bool
+
+
+_current: BatchMeta | None = None
+
+
+@contextlib.contextmanager
+def forward_batch(meta: BatchMeta) -> Iterator[BatchMeta]:
+    """Make ``meta`` the current batch for the duration of one forward. Not re-entrant."""
+    global _current
+    if _current is not None:
+        raise RuntimeError("forward_batch() is already active: forwards do not nest")
+    _current = meta
+    try:
+        yield meta
+    finally:
+        _current = None
+
+
+def get_batch() -> BatchMeta:
+    if _current is None:
+        raise RuntimeError("no forward_batch() is active: run the model inside `with forward_batch(meta):`")
+    return _current

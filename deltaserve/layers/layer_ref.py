@@ -1,0 +1,103 @@
+"""How a custom op finds "its" layer without torch.compile specialising on the layer.
+
+Custom ops that need a layer's state (the GDN core, attention, the dual-stream in_proj) take the layer
+as an argument. On torch >= 2.11 that argument is a :class:`LayerRef`, registered as a *reference*
+opaque type: torch.compile lifts it to a graph input, so every GDN layer shares one compiled graph
+(the fix vLLM needed after #38152). On older torch, or when ``set_layer_arg("string")`` asks for it,
+the argument is the layer's name, a constant baked into the graph: compile then specialises, i.e.
+recompiles, once per layer -- kept so a test can demonstrate the difference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+try:  # torch >= 2.11
+    from torch._library.opaque_object import MemberType, get_opaque_type_name, register_opaque_type
+    from torch._opaque_base import OpaqueBase
+
+    HAS_OPAQUE = True
+except ImportError:  # pragma: no cover - old torch
+    OpaqueBase = object  # type: ignore[misc,assignment]
+    HAS_OPAQUE = False
+
+
+class LayerRef(OpaqueBase):  # type: ignore[misc]
+    """A handle on a layer, plus the static sizes fake (meta) kernels need to shape their outputs.
+
+    ``sizes`` come from the config for this TP rank, never from ``weight.shape`` (a packed or quantised
+    weight's shape says nothing about the output).
+    """
+
+    def __init__(self, module: nn.Module, name: str, sizes: dict[str, int]):
+        self.module = module
+        self.name = name
+        self.sizes = sizes
+
+
+_REGISTRY: dict[str, LayerRef] = {}
+_MODE = "opaque" if HAS_OPAQUE else "string"
+
+if HAS_OPAQUE:
+    try:
+        register_opaque_type(LayerRef, typ="reference", members={"sizes": MemberType.USE_REAL})
+    except TypeError:  # pragma: no cover - an early 2.11 without `members`
+        HAS_OPAQUE, _MODE = False, "string"
+if not HAS_OPAQUE:
+    logger.info("torch %s has no opaque objects: custom ops take layer names, so --compile specialises "
+                "(recompiles) per layer", torch.__version__)
+
+
+def set_layer_arg(mode: str) -> None:
+    """``"opaque"`` (default when supported) or ``"string"``; applies to layers built afterwards."""
+    global _MODE
+    if mode not in ("opaque", "string"):
+        raise ValueError(f"layer argument mode {mode!r} must be 'opaque' or 'string'")
+    if mode == "opaque" and not HAS_OPAQUE:
+        raise ValueError(f"torch {torch.__version__} has no opaque objects: use 'string'")
+    _MODE = mode
+
+
+def layer_arg(module: nn.Module, name: str, sizes: dict[str, int]) -> LayerRef | str:
+    """What a layer passes to its custom ops: a LayerRef, or its (unique) name in string mode."""
+    ref = LayerRef(module, name, sizes)
+    _REGISTRY[name] = ref
+    return ref if _MODE == "opaque" else name
+
+
+def resolve(arg: LayerRef | str) -> LayerRef:
+    return _REGISTRY[arg] if isinstance(arg, str) else arg
+
+
+def define_layer_op(name: str, tensor_args: str, returns: str, impl: Callable, fake: Callable) -> None:
+    """Register ``deltaserve::<name>`` (LayerRef argument) and ``deltaserve::<name>_str`` (string).
+
+    ``impl(*tensors, ref)`` and ``fake(*tensors, ref)`` receive a resolved :class:`LayerRef` (in fake
+    mode a stand-in whose ``sizes`` are real).
+    """
+
+    def str_impl(*args):
+        return impl(*args[:-1], resolve(args[-1]))
+
+    def str_fake(*args):
+        return fake(*args[:-1], resolve(args[-1]))
+
+    variants = [(f"{name}_str", "str", str_impl, str_fake)]
+    if HAS_OPAQUE:
+        variants.append((name, get_opaque_type_name(LayerRef), impl, fake))
+    for op_name, typ, fn, fake_fn in variants:
+        op = torch.library.custom_op(
+            f"deltaserve::{op_name}", fn, mutates_args=(), schema=f"({tensor_args}, {typ} layer) -> {returns}"
+        )
+        op.register_fake(fake_fn)
+
+
+def layer_op(name: str, arg: LayerRef | str):
+    """The op overload matching ``arg``'s kind."""
+    return getattr(torch.ops.deltaserve, name if not isinstance(arg, str) else f"{name}_str")

@@ -1,0 +1,115 @@
+"""Qwen3-Next and Qwen3.5 (dense and MoE) text models with checkpoint names.
+
+One implementation serves all five HF architectures: they differ only in the MLP kind per layer and
+in how the GDN input projection is stored, which :meth:`Qwen3NextForCausalLM.map_weight` resolves.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from deltaserve.layers.attention import GatedAttention
+from deltaserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from deltaserve.layers.gdn import GatedDeltaNet
+from deltaserve.layers.inproj import InProjPlan
+from deltaserve.layers.mlp import SwiGLU
+from deltaserve.layers.moe import SparseMoE
+from deltaserve.layers.norm import RMSNorm
+from deltaserve.models.config import ModelConfig
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, plan: InProjPlan):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.is_gdn = cfg.layer_types[idx] == "linear_attention"
+        if self.is_gdn:
+            self.linear_attn = GatedDeltaNet(cfg, f"model.layers.{idx}.linear_attn", plan)
+        else:
+            self.self_attn = GatedAttention(cfg, f"model.layers.{idx}.self_attn")
+        self.mlp = SparseMoE(cfg) if cfg.mlp_types[idx] == "moe" else SwiGLU(H, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        h = self.linear_attn(h) if self.is_gdn else self.self_attn(h, positions)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: InProjPlan):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, plan) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, H]
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.norm(x)
+
+
+_SKIP = re.compile(r"^(mtp\.|model\.visual\.|visual\.|model\.mtp\.)")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    """``forward(input_ids [T], positions [T]) -> hidden [T, H]``; ``compute_logits(hidden) -> [N, V]``."""
+
+    # checkpoint suffix -> (parameter suffix, shard). Shards of the GDN in_proj are [q, k, v, z, b, a].
+    packed_modules_mapping = {
+        "linear_attn.in_proj_qkv.weight": ("linear_attn.in_proj.weight", (0, 1, 2)),
+        "linear_attn.in_proj_z.weight": ("linear_attn.in_proj.weight", 3),
+        "linear_attn.in_proj_b.weight": ("linear_attn.in_proj.weight", 4),
+        "linear_attn.in_proj_a.weight": ("linear_attn.in_proj.weight", 5),
+        "linear_attn.in_proj_qkvz.weight": ("linear_attn.in_proj.weight", "qkvz_interleaved"),
+        "linear_attn.in_proj_ba.weight": ("linear_attn.in_proj.weight", "ba_interleaved"),
+        "gate_proj.weight": ("gate_up_proj.weight", 0),
+        "up_proj.weight": ("gate_up_proj.weight", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, plan: InProjPlan | None = None):
+        super().__init__()
+        self.config = cfg
+        self.plan = plan or InProjPlan("fused")
+        self.model = TextModel(cfg, self.plan)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def map_weight(self, name: str) -> tuple[str, object] | None:
+        """Checkpoint tensor name -> (parameter name, shard), or None for weights the text model skips."""
+        if _SKIP.match(name):
+            return None
+        if name.startswith("model.language_model."):
+            name = "model." + name[len("model.language_model.") :]
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None  # tied: the embedding is the head
+        if m := _EXPERT.match(name):
+            base, e, kind = m.group(1), int(m.group(2)), m.group(3)
+            param = "down_proj" if kind == "down" else "gate_up_proj"
+            return f"{base}.{param}", (e, kind)
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            return name, None
+        for suffix, (target, shard) in self.packed_modules_mapping.items():
+            if name.endswith("." + suffix):
+                return name[: -len(suffix)] + target, shard
+        return name, None
+
+    def gdn_layers(self) -> list[GatedDeltaNet]:
+        return [layer.linear_attn for layer in self.model.layers if layer.is_gdn]
+
+    def attention_layers(self) -> list[GatedAttention]:
+        return [layer.self_attn for layer in self.model.layers if not layer.is_gdn]

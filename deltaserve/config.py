@@ -1,0 +1,139 @@
+"""EngineConfig: every engine switch in one place, each with its help text, validated once.
+
+The CLI's flags are generated from these fields (``--max-num-seqs`` for ``max_num_seqs``), so there is
+no second list of defaults. Validation errors name the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deltaserve.errors import ConfigError
+from deltaserve.layers.inproj import STRATEGIES
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = _f(None, "Model directory (HF format). None: the built-in demo model.", positional=True)
+    dtype: str = _f("auto", "Weight and activation dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
+                            "bfloat16, float16.", choices=list(DTYPES))
+    device: str = _f("auto", "auto (cuda if available, else cpu), cuda, cuda:N or cpu.")
+    load_format: str = _f("auto", "auto/safetensors: read the checkpoint; dummy: random weights made on the "
+                                  "device (benchmarks at real shapes from a config-only directory).",
+                          choices=["auto", "safetensors", "dummy"])
+    max_num_seqs: int = _f(64, "Most requests running at once; also the number of GDN state slots and the "
+                               "largest CUDA-graph batch.")
+    max_model_len: int | None = _f(None, "Context length (prompt + completion). Default: the model's, capped by "
+                                         "what the KV cache can hold.")
+    max_num_batched_tokens: int = _f(2048, "Token budget of one step (decodes + prefill chunks); longer prompts "
+                                           "are prefilled in chunks.")
+    gpu_memory_utilization: float = _f(0.90, "Fraction of GPU memory deltaserve may use (weights, activations, "
+                                             "state slots and KV cache).")
+    kv_cache_memory: int = _f(256 * 2**20, "KV cache size in bytes on the CPU (on GPU it is sized from "
+                                           "gpu_memory_utilization).")
+    block_size: int = _f(16, "Tokens per KV-cache block.")
+    state_dtype: str = _f("float32", "GDN recurrent state dtype: float32 (what Qwen3.5 configs ask) or bfloat16 "
+                                     "(half the state traffic).", choices=list(STATE_DTYPES))
+    inproj: str = _f("auto", "GDN input projection: serial (two GEMMs), dual (ba GEMM on a second CUDA stream), "
+                             "fused (one GEMM), auto (measured per token count at start-up; fused on CPU).",
+                     choices=list(STRATEGIES))
+    enforce_eager: bool = _f(False, "Never use CUDA graphs.")
+    compile: bool = _f(False, "torch.compile each decoder layer (regional compilation).")
+    cuda_graph_sizes: list[int] | None = _f(None, "Decode batch sizes to capture (default 1, 2, 4, 8, 16, 24, "
+                                                  "... up to max_num_seqs).")
+    seed: int = _f(0, "Seed of the sampler's default generator and of dummy weights.")
+    tensor_parallel_size: int = _f(1, "Processes/GPUs the model is split over (gloo on CPU, NCCL on GPU).")
+    debug_step_delay_ms: float = _f(0.0, "TEST ONLY: sleep this long in every engine step (to check that "
+                                         "benchmarks detect a slower server).")
+
+    def __post_init__(self) -> None:
+        self._check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {list(DTYPES)}")
+        self._check(self.state_dtype in STATE_DTYPES, "state_dtype", self.state_dtype,
+                    f"use one of {list(STATE_DTYPES)}")
+        self._check(self.inproj in STRATEGIES, "inproj", self.inproj, f"use one of {list(STRATEGIES)}")
+        self._check(self.load_format in ("auto", "safetensors", "dummy"), "load_format", self.load_format,
+                    "use auto, safetensors or dummy")
+        self._check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "use a value >= 1")
+        self._check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens,
+                    "use a value >= 1")
+        self._check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len,
+                    "use a value >= 1 or leave it unset")
+        self._check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+                    self.gpu_memory_utilization, "use a fraction in (0, 1]")
+        self._check(self.kv_cache_memory > 0, "kv_cache_memory", self.kv_cache_memory, "use a positive byte count")
+        self._check(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size,
+                    "use 8, 16, 32, 64 or 128")
+        self._check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
+                    "use a value >= 1")
+        self._check(self.debug_step_delay_ms >= 0, "debug_step_delay_ms", self.debug_step_delay_ms, "use >= 0")
+        if self.cuda_graph_sizes is not None:
+            self._check(all(isinstance(s, int) and s >= 1 for s in self.cuda_graph_sizes), "cuda_graph_sizes",
+                        self.cuda_graph_sizes, "use positive integers")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._check(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device,
+                    "use auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda"):
+            self._check(torch.cuda.is_available(), "device", self.device, "no CUDA device is visible: use cpu")
+
+    @staticmethod
+    def _check(ok: bool, name: str, value: Any, fix: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name}={value!r} is invalid: {fix}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_state_dtype(self) -> torch.dtype:
+        return STATE_DTYPES[self.state_dtype]
+
+    def graph_sizes(self) -> list[int]:
+        if self.enforce_eager or not self.device.startswith("cuda"):
+            return []
+        sizes = self.cuda_graph_sizes or [1, 2, 4, 8] + list(range(16, 1025, 8))
+        return sorted({s for s in sizes if s <= self.max_num_seqs} | {min(self.max_num_seqs, max(sizes))})
+
+    def non_defaults(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default and f.name != "device"}
+
+    # -- CLI ----------------------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        """One flag per field, named like vLLM's (``--max-num-seqs``); defaults come from the dataclass."""
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+            if meta.get("positional"):
+                parser.add_argument(f.name, nargs="?", default=f.default, help=meta["help"])
+            elif f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", help=meta["help"])
+            elif f.name == "cuda_graph_sizes":
+                parser.add_argument(flag, type=lambda s: [int(x) for x in s.split(",")], default=None,
+                                    help=meta["help"] + " Comma-separated.")
+            else:
+                typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+                parser.add_argument(flag, type=typ, default=f.default, choices=meta.get("choices"),
+                                    help=meta["help"])
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,140 @@
+"""ModelRunner: owns the model, its caches and the sampler; turns a scheduled step into tokens.
+
+Start-up: load the weights, (optionally) compile the decoder layers, size the caches -- on the GPU
+from ``gpu_memory_utilization`` after the weights and a warm-up forward at the step's token budget;
+on the CPU from ``kv_cache_memory`` -- then tune ``inproj=auto`` and capture decode CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from deltaserve.config import EngineConfig
+from deltaserve.engine.batch import SeqInput, build_batch
+from deltaserve.engine.cuda_graph import DecodeGraphs
+from deltaserve.engine.kv_cache import KVCache, kv_bytes_per_block
+from deltaserve.engine.scheduler import Scheduled
+from deltaserve.engine.state_cache import StateCache, state_bytes_per_slot
+from deltaserve.errors import ConfigError
+from deltaserve.forward_context import forward_batch
+from deltaserve.layers.inproj import InProjPlan
+from deltaserve.layers.sampler import SampleResult, SampleRow, Sampler
+from deltaserve.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+GiB = 2**30
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_dir: str | Path):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = cfg.torch_dtype
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        t0 = time.perf_counter()
+        self.plan = InProjPlan(cfg.inproj if on_gpu or cfg.inproj != "auto" else "fused")
+        self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
+        self.model_config = self.model.config
+        logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
+                    time.perf_counter() - t0)
+        if cfg.compile:
+            from deltaserve.engine.compile import compile_layers
+
+            compile_layers(self.model)
+        self.block_size = cfg.block_size
+        self.graphs: DecodeGraphs | None = None
+        self._allocate_caches()
+        self.sampler = Sampler(self.device, cfg.seed)
+        if on_gpu and cfg.inproj == "auto":
+            from deltaserve.layers.inproj_tune import tune_inproj
+
+            tune_inproj(self.model, self.plan, max_tokens=cfg.max_num_batched_tokens)
+        sizes = cfg.graph_sizes()
+        if sizes:
+            t0 = time.perf_counter()
+            self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self.block_size,
+                                       self.states.scratch_slot, self.kv.scratch_block, self.device)
+            self.graphs.capture()
+            logger.info("CUDA graphs captured in %.1f s", time.perf_counter() - t0)
+
+    # -- caches ---------------------------------------------------------------------------------------
+    def _allocate_caches(self) -> None:
+        cfg, mc = self.cfg, self.model_config
+        slot_bytes = state_bytes_per_slot(mc, self.dtype, cfg.torch_state_dtype, cfg.tensor_parallel_size)
+        block_bytes = kv_bytes_per_block(mc, self.block_size, self.dtype, cfg.tensor_parallel_size)
+        state_total = (cfg.max_num_seqs + 1) * slot_bytes
+        if self.device.type == "cuda":
+            budget = self._gpu_budget() - state_total
+            if budget < block_bytes * 2:
+                raise ConfigError(
+                    f"max_num_seqs={cfg.max_num_seqs}: its GDN state slots need {state_total / GiB:.2f} GiB and "
+                    f"leave no room for a KV cache; lower max_num_seqs, use state_dtype=bfloat16 or raise "
+                    f"gpu_memory_utilization={cfg.gpu_memory_utilization}")
+        else:
+            budget = cfg.kv_cache_memory
+        num_blocks = max(int(budget // block_bytes) - 1, 1)
+        capacity = num_blocks * self.block_size
+        if cfg.max_model_len is None:
+            self.max_model_len = min(mc.max_position_embeddings, capacity)
+        elif cfg.max_model_len > capacity:
+            raise ConfigError(
+                f"max_model_len={cfg.max_model_len} does not fit: the KV cache holds {capacity} tokens "
+                f"({num_blocks} blocks of {self.block_size}); lower max_model_len or give the cache more memory")
+        else:
+            self.max_model_len = cfg.max_model_len
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.states = StateCache(self.model.gdn_layers(), cfg.max_num_seqs, self.dtype, cfg.torch_state_dtype,
+                                 self.device)
+        self.kv = KVCache(self.model.attention_layers(), num_blocks, self.block_size, self.dtype, self.device)
+        logger.info("GDN state: %d slots x %.1f MiB; KV cache: %d blocks x %d tokens (%.2f GiB); max_model_len %d",
+                    cfg.max_num_seqs, slot_bytes / 2**20, num_blocks, self.block_size,
+                    num_blocks * block_bytes / GiB, self.max_model_len)
+
+    def _gpu_budget(self) -> int:
+        """Bytes left for state and KV after the weights and the activations of a full-budget prefill."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(self.cfg.max_num_batched_tokens, self.model_config.max_position_embeddings)
+        # Throw-away caches (they bind to the layers; the real ones re-bind) for one warm-up sequence.
+        StateCache(self.model.gdn_layers(), 1, self.dtype, self.cfg.torch_state_dtype, self.device)
+        kv = KVCache(self.model.attention_layers(), -(-n // self.block_size), self.block_size, self.dtype, self.device)
+        self._forward([SeqInput([0] * n, 0, 0, list(range(kv.num_blocks)))], sample_rows=[0])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        # Keep 0.5 GiB for CUDA graphs, sampler buffers and library workspaces.
+        return int(total * self.cfg.gpu_memory_utilization) - peak - GiB // 2
+
+    # -- one step -------------------------------------------------------------------------------------
+    def _forward(self, seqs: list[SeqInput], sample_rows: list[int]) -> torch.Tensor:
+        """Logits of the last token of each sequence in ``sample_rows``."""
+        if self.graphs is not None and self.graphs.can_run(seqs):
+            logits = self.graphs.run(seqs)
+            return logits if len(sample_rows) == len(seqs) else logits[sample_rows]
+        ids, positions, meta = build_batch(seqs, self.block_size, self.device)
+        with torch.inference_mode(), forward_batch(meta):
+            hidden = self.model(ids, positions)
+            last = meta.query_start_loc_cpu[1:][sample_rows].to(torch.long) - 1
+            return self.model.compute_logits(hidden[last.to(self.device)])
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
+        """Run one step; returns one token per scheduled request that catches up (``Scheduled.samples``)."""
+        seqs = [SeqInput(s.request.token_ids(s.request.num_computed, s.request.num_computed + s.num_tokens),
+                         s.request.num_computed, s.request.state_slot, s.request.block_ids) for s in scheduled]
+        sample_rows = [i for i, s in enumerate(scheduled) if s.samples]
+        logits = self._forward(seqs, sample_rows)
+        if not sample_rows:
+            return SampleResult([], None)
+        rows = []
+        for i in sample_rows:
+            r = scheduled[i].request
+            history = r.prompt_token_ids + r.output_token_ids if r.params.repetition_penalty != 1.0 else None
+            rows.append(SampleRow(r.params, history, len(r.output_token_ids), r.stop_ids, r.generator))
+        return self.sampler(logits, rows)

@@ -16,7 +16,8 @@ import torch.distributed as dist
 class TPGroup:
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None
+    group: dist.ProcessGroup | None = None  # model collectives (NCCL on GPU, gloo on CPU)
+    control: dist.ProcessGroup | None = None  # gloo: step broadcasts and small host-side agreements
 
 
 _TP = TPGroup()
@@ -30,10 +31,44 @@ def tp_size() -> int:
     return _TP.size
 
 
-def set_tp(rank: int, size: int, group: dist.ProcessGroup | None = None) -> None:
-    """Install the tensor-parallel group (called once per worker process after ``init_process_group``)."""
+def set_tp(rank: int, size: int, group: dist.ProcessGroup | None = None,
+           control: dist.ProcessGroup | None = None) -> None:
+    """Install the tensor-parallel group (once per process, before the model is built)."""
     global _TP
-    _TP = TPGroup(rank, size, group)
+    _TP = TPGroup(rank, size, group, control)
+
+
+def init_tp(rank: int, size: int, port: int, device: str) -> None:
+    """Join the TP process group over TCP on localhost: NCCL for CUDA devices, gloo for the CPU."""
+    import datetime
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(minutes=10))
+    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    set_tp(rank, size, dist.group.WORLD, control)
+
+
+def shutdown_tp() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    set_tp(0, 1)
+
+
+def broadcast_object(obj=None):
+    """Rank 0 sends ``obj``; every rank returns it."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_TP.control)
+    return box[0]
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of the ranks' values (e.g. cache blocks that fit on every GPU)."""
+    if _TP.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_TP.control)
+    return int(t.item())
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -58,3 +58,10 @@ class Runner:
     def prefill(self, ids: list[int]) -> tuple[dict, torch.Tensor]:
         seq = self.new_seq(len(ids) + 64)
         return seq, self.step([(seq, ids)])
+
+
+def add_demo_tokenizer(model_dir, max_len: int = 512) -> None:
+    """HF-saved test checkpoints carry no tokenizer; the engine needs one (its ids fit any vocab >= 96)."""
+    from deltaserve.models.demo_tokenizer import train_tokenizer, write_tokenizer
+
+    write_tokenizer(train_tokenizer(), model_dir, max_len)

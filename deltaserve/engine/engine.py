@@ -35,7 +35,12 @@ class LLMEngine:
         self.cfg = cfg
         self.model_dir = resolve_model_dir(cfg.model)
         self.tokenizer = Tokenizer(self.model_dir)
-        self.runner = ModelRunner(cfg, self.model_dir)
+        if cfg.tensor_parallel_size > 1:
+            from deltaserve.engine.tp import TPExecutor
+
+            self.runner = TPExecutor(cfg, self.model_dir)
+        else:
+            self.runner = ModelRunner(cfg, self.model_dir)
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.scheduler = Scheduler(self.runner.kv, self.runner.states, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -91,6 +96,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op for a single process)."""
+        self.runner.shutdown()
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

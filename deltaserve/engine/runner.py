@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from deltaserve.config import EngineConfig
+from deltaserve.distributed import min_over_ranks
 from deltaserve.engine.batch import SeqInput, build_batch
 from deltaserve.engine.cuda_graph import DecodeGraphs
 from deltaserve.engine.kv_cache import KVCache, kv_bytes_per_block
@@ -22,7 +23,7 @@ from deltaserve.engine.state_cache import StateCache, state_bytes_per_slot
 from deltaserve.errors import ConfigError
 from deltaserve.forward_context import forward_batch
 from deltaserve.layers.inproj import InProjPlan
-from deltaserve.layers.sampler import SampleResult, SampleRow, Sampler
+from deltaserve.layers.sampler import Sampler, SampleResult, SampleRow
 from deltaserve.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class ModelRunner:
                     f"gpu_memory_utilization={cfg.gpu_memory_utilization}")
         else:
             budget = cfg.kv_cache_memory
-        num_blocks = max(int(budget // block_bytes) - 1, 1)
+        num_blocks = min_over_ranks(max(int(budget // block_bytes) - 1, 1))  # every rank must agree
         capacity = num_blocks * self.block_size
         if cfg.max_model_len is None:
             self.max_model_len = min(mc.max_position_embeddings, capacity)
@@ -123,13 +124,17 @@ class ModelRunner:
             last = meta.query_start_loc_cpu[1:][sample_rows].to(torch.long) - 1
             return self.model.compute_logits(hidden[last.to(self.device)])
 
-    @torch.inference_mode()
-    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
-        """Run one step; returns one token per scheduled request that catches up (``Scheduled.samples``)."""
+    def prepare(self, scheduled: list[Scheduled]) -> tuple[list[SeqInput], list[int]]:
+        """The step's model inputs (what tensor-parallel rank 0 broadcasts) and the rows that sample."""
         seqs = [SeqInput(s.request.token_ids(s.request.num_computed, s.request.num_computed + s.num_tokens),
                          s.request.num_computed, s.request.state_slot, s.request.block_ids) for s in scheduled]
-        sample_rows = [i for i, s in enumerate(scheduled) if s.samples]
-        logits = self._forward(seqs, sample_rows)
+        return seqs, [i for i, s in enumerate(scheduled) if s.samples]
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[SeqInput], sample_rows: list[int]) -> torch.Tensor:
+        return self._forward(seqs, sample_rows)
+
+    def sample(self, scheduled: list[Scheduled], sample_rows: list[int], logits: torch.Tensor) -> SampleResult:
         if not sample_rows:
             return SampleResult([], None)
         rows = []
@@ -138,3 +143,11 @@ class ModelRunner:
             history = r.prompt_token_ids + r.output_token_ids if r.params.repetition_penalty != 1.0 else None
             rows.append(SampleRow(r.params, history, len(r.output_token_ids), r.stop_ids, r.generator))
         return self.sampler(logits, rows)
+
+    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
+        """Run one step; returns one token per scheduled request that catches up (``Scheduled.samples``)."""
+        seqs, sample_rows = self.prepare(scheduled)
+        return self.sample(scheduled, sample_rows, self.forward(seqs, sample_rows))
+
+    def shutdown(self) -> None:
+        pass

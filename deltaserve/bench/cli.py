@@ -1,0 +1,24 @@
+"""``deltaserve bench <kind>``: each benchmark lives in its own module with ``add_args`` and ``main``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "offline": "decode tok/s per batch size in-process, against the memory roofline of this card",
+    "sweep": "concurrency sweep against any OpenAI-compatible server (the seed's workload)",
+    "ab": "interleaved A/B of two deltaserve server configurations, with confidence intervals",
+    "ttft": "time to first token of short streamed requests",
+    "startup": "seconds from process start to /health and to the first token, cold and warm",
+    "layer": "the GDN in_proj micro-benchmark: serial / dual / fused per token count",
+}
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    for name, help in BENCHMARKS.items():
+        module = importlib.import_module(f"deltaserve.bench.{name}")
+        p = sub.add_parser(name, help=help, description=help)
+        module.add_args(p)
+        p.set_defaults(func=module.main)

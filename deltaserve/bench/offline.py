@@ -1,0 +1,103 @@
+"""``bench offline``: in-process decode throughput per batch size, against the memory roofline.
+
+For each N: N requests with ``--input-len`` random prompt tokens decode ``--output-len`` tokens
+(ignore_eos). Decode tok/s counts the tokens after each request's first one over the time from the
+last first-token to the end, so prefill is excluded. The roofline is N over the time the step's
+bytes (weights incl. touched experts, GDN state read+write, KV read: ``bench/roofline.py``) take at
+the copy bandwidth measured on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+from deltaserve.bench.env import environment, format_environment
+from deltaserve.bench.roofline import decode_step_bytes, measure_copy_bandwidth
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from deltaserve.config import EngineConfig
+
+    EngineConfig.add_cli_args(p)
+    p.add_argument("--preset", default=None, help="benchmark a make-model preset (config only, --load-format dummy)")
+    p.add_argument("--layers", type=int, default=None, help="with --preset: override the layer count")
+    p.add_argument("--batch", default="1,2,4,8,16", help="comma-separated batch sizes N")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+
+
+def resolve_model(args: argparse.Namespace) -> None:
+    """--preset: write a config-only model dir and load random weights on the device."""
+    if args.preset is None:
+        return
+    import tempfile
+
+    from deltaserve.models.make_model import make_model
+
+    args.model = str(make_model(args.preset, tempfile.mkdtemp(prefix="deltaserve-bench-"), layers=args.layers,
+                                no_weights=True))
+    args.load_format = "dummy"
+
+
+def run_batch(engine, n: int, input_len: int, output_len: int, seed: int) -> dict:
+    from deltaserve.sampling import SamplingParams
+
+    rng = random.Random(seed)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    vocab = min(engine.model_config.vocab_size, engine.tokenizer.vocab_size)
+    reqs = [engine.make_request([rng.randrange(10, vocab) for _ in range(input_len)], params) for _ in range(n)]
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.add_request(r)
+    first_done = None
+    while engine.has_unfinished():
+        engine.step()
+        if first_done is None and all(r.output_token_ids for r in reqs):
+            first_done = time.perf_counter()
+    end = time.perf_counter()
+    steps = output_len - 1
+    return {"n": n, "prefill_s": first_done - t0, "decode_s": end - first_done, "ms_per_step": 1e3 * (end - first_done) / steps,
+            "decode_tok_s": n * steps / (end - first_done)}
+
+
+def main(args: argparse.Namespace) -> int:
+    from deltaserve.config import EngineConfig
+    from deltaserve.engine.engine import LLMEngine
+
+    resolve_model(args)
+    cfg = EngineConfig.from_cli_args(args)
+    batches = [int(b) for b in args.batch.split(",")]
+    if max(batches) > cfg.max_num_seqs:
+        cfg.max_num_seqs = max(batches)
+    engine = LLMEngine(cfg)
+    bw = measure_copy_bandwidth(engine.runner.device)
+    mc = engine.model_config
+    dbytes, sbytes = engine.runner.dtype.itemsize, cfg.torch_state_dtype.itemsize
+    rows = []
+    for n in batches:
+        run_batch(engine, n, args.input_len, min(16, args.output_len), seed=n)  # warm-up
+        r = run_batch(engine, n, args.input_len, args.output_len, seed=1000 + n)
+        b = decode_step_bytes(mc, n, args.input_len + args.output_len // 2, dbytes, sbytes, cfg.tensor_parallel_size)
+        r.update(bytes_per_step=b.total, weight_bytes=b.weights, state_bytes=b.state, kv_bytes=b.kv,
+                 roofline_tok_s=n * bw / b.total)
+        r["fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        r["achieved_GBps"] = b.total / (r["ms_per_step"] / 1e3) / 1e9
+        rows.append(r)
+    env = environment()
+    print(format_environment(env))
+    print(f"model: {mc.architecture} ({args.preset or cfg.model}), {mc.num_hidden_layers} layers, dtype {engine.runner.dtype}, "
+          f"state {cfg.state_dtype}, inproj {cfg.inproj}, graphs {'off' if not engine.runner.graphs else 'on'}")
+    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
+    print(f"{'N':>4} {'ms/step':>9} {'tok/s':>9} {'GB/step':>8} {'GB/s':>7} {'roofline':>9} {'fraction':>8}")
+    for r in rows:
+        print(f"{r['n']:>4} {r['ms_per_step']:>9.3f} {r['decode_tok_s']:>9.1f} {r['bytes_per_step'] / 1e9:>8.3f} "
+              f"{r['achieved_GBps']:>7.0f} {r['roofline_tok_s']:>9.1f} {100 * r['fraction']:>7.1f}%")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"environment": env, "copy_bandwidth": bw, "config": {k: str(v) for k, v in vars(cfg).items()},
+                       "results": rows}, f, indent=2)
+    return 0

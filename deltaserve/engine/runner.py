@@ -36,7 +36,7 @@ class ModelRunner:
         self.device = torch.device(cfg.device)
         self.dtype = cfg.torch_dtype
         on_gpu = self.device.type == "cuda"
-        if on_gpu:
+        if on_gpu and self.device.index is not None:
             torch.cuda.set_device(self.device)
         t0 = time.perf_counter()
         self.plan = InProjPlan(cfg.inproj if on_gpu or cfg.inproj != "auto" else "fused")

@@ -30,7 +30,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor | No
 def ring_read(conv_states: torch.Tensor, slot: int, end: int) -> torch.Tensor:
     """The ``W-1`` inputs before absolute position ``end`` (oldest first) as ``[W-1, D]``."""
     W = conv_states.shape[1]
-    pos = torch.arange(end - W + 1, end)
+    pos = torch.arange(end - W + 1, end, device=conv_states.device)
     out = conv_states[slot, pos % W].clone()
     out[pos < 0] = 0
     return out
@@ -39,7 +39,7 @@ def ring_read(conv_states: torch.Tensor, slot: int, end: int) -> torch.Tensor:
 def ring_write(conv_states: torch.Tensor, slot: int, end: int, last: torch.Tensor) -> None:
     """Store ``last [W-1, D]`` (the inputs at positions ``end-W+1 .. end-1``) into the ring."""
     W = conv_states.shape[1]
-    pos = torch.arange(end - W + 1, end)
+    pos = torch.arange(end - W + 1, end, device=conv_states.device)
     conv_states[slot, pos % W] = torch.where((pos >= 0)[:, None], last, 0).to(conv_states.dtype)
 
 

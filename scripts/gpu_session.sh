@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work: install the wheels the image lacks, then run the stages named on the
+# command line, each logged to $OUT/<stage>.log (what comes back from the device). Usage:
+#   bash scripts/gpu_session.sh tests layer offline9b offline35b compile ...
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+python3 -m pip install -q --no-index --find-links .wheels fla-core fastapi uvicorn pydantic prometheus_client \
+  pytest-timeout > "$OUT/pip.log" 2>&1 || { echo "pip install failed"; tail -5 "$OUT/pip.log"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+ds() { python3 -m deltaserve.cli "$@"; }
+run() {  # run STAGE COMMAND...: log, time, never stop the session
+  local stage=$1; shift
+  echo "=== $stage: $*" | tee -a "$OUT/summary.txt"
+  local t0=$SECONDS
+  "$@" > "$OUT/$stage.log" 2>&1; local rc=$?
+  echo "=== $stage rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+  tail -n ${TAIL:-25} "$OUT/$stage.log"
+}
+for stage in "$@"; do
+  case $stage in
+    tests) run tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests ;;
+    kernels) run kernels python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
+               tests/test_gdn_kernels_gpu.py tests/test_paged_attention_gpu.py tests/test_fused_moe_gpu.py ;;
+    engine) run engine python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py ;;
+    layer) run layer35 ds bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$OUT/layer35.json"
+           run layer122 ds bench layer --preset qwen3.5-122b-a10b --layers 36 --output "$OUT/layer122.json" ;;
+    offline9b) run offline9b ds bench offline --preset qwen3.5-9b --batch 1,2,4,8,16 --output-len 128 \
+                 --max-num-seqs 16 --output "$OUT/offline9b.json" ;;
+    offline35b) run offline35b ds bench offline --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
+                  --batch 1,2,4,8,16 --output-len 128 --max-num-seqs 16 --output "$OUT/offline35b.json" ;;
+    offline35b-compile) run offline35b-compile ds bench offline --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
+                  --compile --batch 1,2,4,8,16 --output-len 128 --max-num-seqs 16 --output "$OUT/offline35b-compile.json" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done

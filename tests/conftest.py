@@ -14,6 +14,26 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_triton_interpreter() -> None:
+    """Triton 3.6's interpreter calls ``int()`` on 1-element arrays for loop bounds loaded from memory,
+    which numpy >= 2.4 rejects; convert through ``.reshape(-1)[0]`` instead (test-only shim)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    orig = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_triton_interpreter()
+
 import pytest  # noqa: E402
 
 

@@ -16,8 +16,11 @@ if not torch.cuda.is_available():
 
 
 def _patch_triton_interpreter() -> None:
-    """Triton 3.6's interpreter calls ``int()`` on 1-element arrays for loop bounds loaded from memory,
-    which numpy >= 2.4 rejects; convert through ``.reshape(-1)[0]`` instead (test-only shim)."""
+    """Test-only shims for two Triton 3.6 interpreter bugs; the kernels themselves are unchanged.
+
+    1. It calls ``int()`` on 1-element arrays for loop bounds loaded from memory, which numpy >= 2.4
+       rejects: convert through ``.reshape(-1)[0]`` instead.
+    """
     try:
         from triton.runtime import interpreter
     except ImportError:
@@ -29,6 +32,22 @@ def _patch_triton_interpreter() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     interpreter._patch_lang_tensor = patched
+
+    # The interpreter's tl.dot multiplies bf16 tiles as their raw uint16 bits; widen them to fp32 first.
+    import numpy as np
+    import triton.language as tl
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":

@@ -34,11 +34,11 @@ class InvalidRequestError(DeltaServeError, ValueError):
 class PromptTooLongError(InvalidRequestError):
     """The prompt does not fit the context. The message contains 'maximum context length' and both counts."""
 
-    def __init__(self, prompt_len: int, max_model_len: int):
+    def __init__(self, prompt_len: int, max_model_len: int, param: str = "prompt"):
         super().__init__(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
             f"{prompt_len} prompt tokens. Please shorten the prompt.",
-            param="messages",
+            param=param,
         )
         self.prompt_len = prompt_len
         self.max_model_len = max_model_len

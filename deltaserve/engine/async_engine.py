@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from deltaserve.config import EngineConfig
 from deltaserve.engine.engine import LLMEngine
 from deltaserve.engine.request import Request, RequestOutput
-from deltaserve.errors import EngineDeadError, QueueFullError
+from deltaserve.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from deltaserve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class AsyncEngine:
         """Stream a request's outputs. Leaving the iteration early (client gone) aborts the request."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop has died: {self.dead!r}")
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight", "request_id")
         req = self.engine.make_request(prompt, params, request_id)
         with self._lock:
             limit = self.engine.cfg.max_num_seqs + (self.max_queued if self.max_queued is not None else 10**9)
@@ -110,8 +112,10 @@ class AsyncEngine:
         self._inbox.put(Abort(request_id))
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the loop thread, then the engine (and its tensor-parallel workers)."""
         self._inbox.put(Stop())
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # -- loop side --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -146,7 +150,13 @@ class AsyncEngine:
             if isinstance(msg, Stop):
                 return False
             if isinstance(msg, Add):
-                self.engine.add_request(msg.request)
+                try:
+                    self.engine.add_request(msg.request)
+                except InvalidRequestError as e:  # a bad request fails alone; the loop keeps serving
+                    self._streams.pop(msg.request.request_id, None)
+                    with self._lock:
+                        self._unfinished -= 1
+                    msg.loop.call_soon_threadsafe(msg.stream.put_nowait, e)
             elif isinstance(msg, Abort):
                 out = self.engine.abort(msg.request_id)
                 if out is not None:

@@ -9,11 +9,14 @@ python3 -m pip install -q --no-index --find-links .wheels fla-core fastapi uvico
   pytest-timeout > "$OUT/pip.log" 2>&1 || { echo "pip install failed"; tail -5 "$OUT/pip.log"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 ds() { python3 -m deltaserve.cli "$@"; }
+# The 35B-A3B shape is ~69 GB of bf16 weights: all 40 layers on an H200, fewer on an 80 GB card (said in the log).
+mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+if [ "${mem_mib:-0}" -lt 100000 ] && [ -z "${LAYERS35:-}" ]; then LAYERS35=24; echo "80 GB card: 35B-A3B shape with 24 layers"; fi
 run() {  # run STAGE COMMAND...: log, time, never stop the session
   local stage=$1; shift
   echo "=== $stage: $*" | tee -a "$OUT/summary.txt"
   local t0=$SECONDS
-  "$@" > "$OUT/$stage.log" 2>&1; local rc=$?
+  timeout "${STAGE_TIMEOUT:-300}" "$@" > "$OUT/$stage.log" 2>&1; local rc=$?
   echo "=== $stage rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
   tail -n ${TAIL:-25} "$OUT/$stage.log"
 }

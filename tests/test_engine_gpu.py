@@ -55,9 +55,13 @@ def test_tiny_moe_and_next_gpu_match_cpu(tmp_path, kind):
     hf.save_pretrained(tmp_path)
     ids = list(range(3, 90))
     _, ref = Runner(load_model(tmp_path, dtype=torch.float32)).prefill(ids)
-    _, got = Runner(load_model(tmp_path, dtype=torch.bfloat16, device="cuda")).prefill(ids)
-    print(f"\n[{kind}] prefill logits rel err {_rel(got, ref):.2e}")
-    assert _rel(got, ref) < 3e-2
+    # fp32 on the GPU runs every GPU kernel with the CPU's routing decisions: a tight check of the kernels.
+    _, fp32 = Runner(load_model(tmp_path, dtype=torch.float32, device="cuda")).prefill(ids)
+    # bf16 can flip near-tied top-k routing decisions of these large random weights: a loose check only.
+    _, bf16 = Runner(load_model(tmp_path, dtype=torch.bfloat16, device="cuda")).prefill(ids)
+    print(f"\n[{kind}] prefill logits rel err: GPU fp32 {_rel(fp32, ref):.2e}, GPU bf16 {_rel(bf16, ref):.2e}")
+    assert _rel(fp32, ref) < 1e-3
+    assert _rel(bf16, ref) < 0.2
 
 
 @pytest.mark.parametrize("preset", ["qwen3.5-35b-a3b", "qwen3.5-9b"])
@@ -76,7 +80,7 @@ def test_real_shape_few_layers_gpu_matches_cpu(tmp_path, preset):
 
 
 def test_batched_greedy_equals_single_on_gpu(tiny):
-    llm = LLM(str(tiny), dtype="bfloat16", max_num_seqs=8)
+    llm = LLM(str(tiny), dtype="bfloat16", max_num_seqs=8, gpu_memory_utilization=0.2)
     assert llm.engine.runner.graphs is not None  # decode runs from CUDA graphs
     rng = random.Random(0)
     prompts = [[rng.randrange(5, 1900) for _ in range(rng.choice([1, 7, 33, 64, 65, 200]))] for _ in range(8)]
@@ -87,13 +91,15 @@ def test_batched_greedy_equals_single_on_gpu(tiny):
     print(f"\nbatched vs alone first divergence per request: {diverge}")
     # bf16 kernels at different batch sizes may round differently; most requests must agree exactly.
     assert sum(d is None for d in diverge) >= 6
+    del llm
+    torch.cuda.empty_cache()
 
 
 def test_greedy_vs_transformers_first_divergence(tiny):
     import transformers as tf
 
     hf = tf.Qwen3_5ForConditionalGeneration.from_pretrained(tiny, dtype=torch.bfloat16).cuda().eval()
-    llm = LLM(str(tiny), dtype="bfloat16", max_num_seqs=4)
+    llm = LLM(str(tiny), dtype="bfloat16", max_num_seqs=4, gpu_memory_utilization=0.2)
     prompts = [[5, 6, 7], list(range(10, 80)), [300] * 20]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(prompts, params)]

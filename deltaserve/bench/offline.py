@@ -73,7 +73,9 @@ def main(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batch.split(",")]
     if max(batches) > cfg.max_num_seqs:
         cfg.max_num_seqs = max(batches)
+    t0 = time.perf_counter()
     engine = LLMEngine(cfg)
+    startup_s = time.perf_counter() - t0
     bw = measure_copy_bandwidth(engine.runner.device)
     mc = engine.model_config
     dbytes, sbytes = engine.runner.dtype.itemsize, cfg.torch_state_dtype.itemsize
@@ -91,13 +93,18 @@ def main(args: argparse.Namespace) -> int:
     print(format_environment(env))
     print(f"model: {mc.architecture} ({args.preset or cfg.model}), {mc.num_hidden_layers} layers, dtype {engine.runner.dtype}, "
           f"state {cfg.state_dtype}, inproj {cfg.inproj}, graphs {'off' if not engine.runner.graphs else 'on'}")
-    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
+    graphs = ""
+    if cfg.compile:
+        from deltaserve.engine.compile import compiled_graph_count
+
+        graphs = f", {compiled_graph_count()} compiled graphs"
+    print(f"engine start-up {startup_s:.1f} s{graphs}; copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
     print(f"{'N':>4} {'ms/step':>9} {'tok/s':>9} {'GB/step':>8} {'GB/s':>7} {'roofline':>9} {'fraction':>8}")
     for r in rows:
         print(f"{r['n']:>4} {r['ms_per_step']:>9.3f} {r['decode_tok_s']:>9.1f} {r['bytes_per_step'] / 1e9:>8.3f} "
               f"{r['achieved_GBps']:>7.0f} {r['roofline_tok_s']:>9.1f} {100 * r['fraction']:>7.1f}%")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"environment": env, "copy_bandwidth": bw, "config": {k: str(v) for k, v in vars(cfg).items()},
+            json.dump({"environment": env, "copy_bandwidth": bw, "startup_s": startup_s, "config": {k: str(v) for k, v in vars(cfg).items()},
                        "results": rows}, f, indent=2)
     return 0

@@ -63,6 +63,10 @@ class ModelRunner:
                                        self.states.scratch_slot, self.kv.scratch_block, self.device)
             self.graphs.capture()
             logger.info("CUDA graphs captured in %.1f s", time.perf_counter() - t0)
+        if cfg.compile:
+            from deltaserve.engine.compile import compiled_graph_count
+
+            logger.info("compiled graphs: %d", compiled_graph_count())  # read by `bench startup`
 
     # -- caches ---------------------------------------------------------------------------------------
     def _allocate_caches(self) -> None:
@@ -71,15 +75,21 @@ class ModelRunner:
         block_bytes = kv_bytes_per_block(mc, self.block_size, self.dtype, cfg.tensor_parallel_size)
         state_total = (cfg.max_num_seqs + 1) * slot_bytes
         if self.device.type == "cuda":
-            budget = self._gpu_budget() - state_total
+            free = self._gpu_budget()
+            budget = free - state_total
             if budget < block_bytes * 2:
                 raise ConfigError(
-                    f"max_num_seqs={cfg.max_num_seqs}: its GDN state slots need {state_total / GiB:.2f} GiB and "
-                    f"leave no room for a KV cache; lower max_num_seqs, use state_dtype=bfloat16 or raise "
-                    f"gpu_memory_utilization={cfg.gpu_memory_utilization}")
+                    f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves {free / GiB:.2f} GiB after the "
+                    f"weights and activations (and anything else this process holds on the GPU); the "
+                    f"{cfg.max_num_seqs + 1} GDN state slots need {state_total / GiB:.2f} GiB plus room for a KV "
+                    f"cache: raise gpu_memory_utilization, lower max_num_seqs or use state_dtype=bfloat16")
         else:
             budget = cfg.kv_cache_memory
-        num_blocks = min_over_ranks(max(int(budget // block_bytes) - 1, 1))  # every rank must agree
+        if block_bytes == 0:  # no full-attention layer: blocks are bookkeeping only, give every slot a full context
+            num_blocks = cfg.max_num_seqs * -(-(cfg.max_model_len or mc.max_position_embeddings) // self.block_size)
+        else:
+            num_blocks = max(int(budget // block_bytes) - 1, 1)
+        num_blocks = min_over_ranks(num_blocks)  # every rank must agree
         capacity = num_blocks * self.block_size
         if cfg.max_model_len is None:
             self.max_model_len = min(mc.max_position_embeddings, capacity)

@@ -1,0 +1,236 @@
+"""``bench ab``: two server configurations, interleaved A B B A A B ..., compared with confidence intervals.
+
+Each trial starts a fresh ``deltaserve serve MODEL <flags> --port <free>``, waits for /health, runs
+one sweep (``bench sweep``'s flags; the same prompts in the same order every trial), asks for the
+greedy output of the first ``--equiv-prompts`` prompts one at a time, and stops the server with
+SIGTERM. Interleaving spreads slow drifts of the machine (clocks, temperature, other tenants) over
+both sides; alternating which side opens each pair (A1 B1, B2 A2, A3 B3, ...) also cancels a steady
+drift, which plain A B A B would hand to B, always the later of each pair.
+
+The unit of comparison is the trial: per N, each trial contributes its mean combined tok/s over its
+rounds and its median TTFT, because rounds on one server share that server's state (allocator,
+caches, placement) and are not independent samples of the configuration. Per N the report gives
+mean and std per side, delta % of B vs A with a Welch t interval, and the verdict: "B faster",
+"A faster", or "no difference resolved" when the interval of the difference contains 0.
+
+Output equivalence (greedy, temperature 0, sequential): for every prompt the sha256 of the text
+under each trial. A configuration whose own trials disagree is not deterministic, and then an A/B
+mismatch says nothing about the change; the table says so instead of blaming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import math
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from deltaserve.bench import stats
+from deltaserve.bench.client import chat_payload, first_model, make_session, stream_chat
+from deltaserve.bench.env import environment, format_environment
+from deltaserve.bench.report import markdown_table, num, plot_ab, text_table, write_json
+from deltaserve.bench.startup import ServerError, ServerProcess
+from deltaserve.bench.sweep import add_workload_args, check_args, parse_levels, run_sweep, vars_of
+from deltaserve.bench.workload import PromptSource
+
+SIDES = ("A", "B")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory, passed to `deltaserve serve`")
+    p.add_argument("--a", default="", help='serve flags of A, one string: --a "--inproj serial" (a single flag '
+                                           'without a value: --a=--compile)')
+    p.add_argument("--b", default="", help="serve flags of B, one string")
+    p.add_argument("--trials", type=int, default=3, help="server starts per side (the unit of the statistics)")
+    add_workload_args(p)
+    p.add_argument("--equiv-prompts", type=int, default=5, help="prompts in the output-equivalence check")
+    p.add_argument("--equiv-max-tokens", type=int, default=None, help="their max_tokens (default --max-tokens)")
+    p.add_argument("--server-timeout", type=float, default=1200.0, help="seconds to wait for /health 200")
+    p.add_argument("--output", default="ab-report", help="directory for report.md, ab.json, ab.png, server logs")
+
+
+async def greedy_outputs(url: str, model: str, prompts: list[str], max_tokens: int, ignore_eos: bool,
+                         timeout: float, api_key: str | None = None) -> list[dict]:
+    out = []
+    async with make_session(timeout, api_key) as session:
+        for p in prompts:  # one at a time: batch composition must not be a variable
+            r = await stream_chat(session, url, chat_payload(model, p, max_tokens, 0.0, ignore_eos, seed=0))
+            out.append({"prompt": p, "ok": r.ok, "error": r.error, "text": r.text,
+                        "completion_tokens": r.completion_tokens,
+                        "sha256": hashlib.sha256(r.text.encode()).hexdigest() if r.ok else None})
+    return out
+
+
+async def run_trial(side: str, trial: int, flags: list[str], args: argparse.Namespace, out_dir: Path) -> dict:
+    server = ServerProcess(args.model, flags, out_dir / f"server-{side}-{trial}.log")
+    try:
+        ready_s = await server.wait_ready(args.server_timeout)
+        async with make_session(30, args.api_key) as session:  # --api-key: for a server started with one
+            name = await first_model(session, server.url)
+        source = PromptSource(args.prompts)  # the same sequence for every trial of both sides
+        levels = await run_sweep(server.url, name, args, source, desc=f"{side}{trial}")
+        outputs = await greedy_outputs(server.url, name, [source.prompt(i) for i in range(args.equiv_prompts)],
+                                       args.equiv_max_tokens or args.max_tokens, args.ignore_eos,
+                                       args.request_timeout, args.api_key)
+    finally:
+        status = server.stop()
+    return {"side": side, "trial": trial, "command": shlex.join(server.command), "ready_s": ready_s,
+            "exit_status": status, "levels": levels, "outputs": outputs}
+
+
+def compare_levels(trials: list[dict], confidence: float) -> list[dict]:
+    """Per N: per-trial values of each side and their Welch comparison."""
+    rows = []
+    for i, n in enumerate(lv["concurrency"] for lv in trials[0]["levels"]):
+        per = {s: [t["levels"][i] for t in trials if t["side"] == s] for s in SIDES}
+        row: dict = {"concurrency": n, "failed": {s.lower(): sum(lv["failed"] for lv in per[s]) for s in SIDES}}
+        for key, value, higher in (("combined_tok_s", lambda lv: lv["combined_tok_s"]["mean"], True),
+                                   ("ttft_ms", lambda lv: lv["median_ttft_ms"], False)):
+            # A trial whose level had no completed request has no value (NaN or 0 tok/s): it is left
+            # out of the interval (n shrinks, which widens it) and shows in the "failed" column.
+            a, b = ([v for v in map(value, per[s]) if math.isfinite(v) and v > 0] for s in SIDES)
+            c = stats.compare(a, b, higher_is_better=higher, confidence=confidence, log=True)
+            row[key] = {"a_trials": a, "b_trials": b, "a": c.a.to_dict(), "b": c.b.to_dict(), "comparison": c.to_dict()}
+        rows.append(row)
+    return rows
+
+
+def first_difference(x: Sequence, y: Sequence) -> int | None:
+    """The first index where two strings (or token-id lists) differ; None if they are equal."""
+    return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None if len(x) == len(y) else min(len(x), len(y)))
+
+
+def equivalence(trials: list[dict], model: str) -> list[dict]:
+    """Per prompt: each side's hashes over its trials, and where A's first output and B's first differ."""
+    tok = None
+    rows = []
+    for i, first in enumerate(trials[0]["outputs"]):
+        outs = {s: [t["outputs"][i] for t in trials if t["side"] == s] for s in SIDES}
+        hashes = {s: [o["sha256"] for o in outs[s]] for s in SIDES}
+        a, b = outs["A"][0]["text"], outs["B"][0]["text"]
+        row = {"prompt": first["prompt"], "a_sha256": hashes["A"], "b_sha256": hashes["B"],
+               "a_reproducible": len(set(hashes["A"])) == 1 and None not in hashes["A"],
+               "b_reproducible": len(set(hashes["B"])) == 1 and None not in hashes["B"],
+               "equal": hashes["A"][0] is not None and hashes["A"][0] == hashes["B"][0],
+               "first_diff_char": None, "first_diff_token": None}
+        if not row["equal"] and None not in (hashes["A"][0], hashes["B"][0]):
+            row["first_diff_char"] = first_difference(a, b)
+            try:
+                if tok is None:
+                    from deltaserve.tokenizer import Tokenizer
+
+                    tok = Tokenizer(model)
+                row["first_diff_token"] = first_difference(tok.encode(a), tok.encode(b))
+            except Exception as e:  # noqa: BLE001 - a model without a loadable tokenizer: report chars only
+                row["first_diff_token"] = f"n/a ({type(e).__name__})"
+        rows.append(row)
+    return rows
+
+
+def ci_text(c: dict) -> str:
+    return f"{c['delta_pct']:+.1f}% [{num(c['delta_pct_low'])}, {num(c['delta_pct_high'])}]"
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    conf = f"{100 * rows[0]['combined_tok_s']['a']['confidence']:.0f}% CI" if rows else "CI"
+    headers = ["N", "A tok/s mean (std)", "B tok/s mean (std)", f"B vs A tok/s, {conf}", "verdict (tok/s)",
+               "A TTFT ms mean (std)", "B TTFT ms mean (std)", f"B vs A TTFT, {conf}", "verdict (TTFT)", "failed A/B"]
+    out = []
+    for r in rows:
+        cells = [str(r["concurrency"])]
+        for key in ("combined_tok_s", "ttft_ms"):
+            m = r[key]
+            cells += [f"{num(m['a']['mean'])} ({num(m['a']['std'])})", f"{num(m['b']['mean'])} ({num(m['b']['std'])})",
+                      ci_text(m["comparison"]), m["comparison"]["verdict"]]
+        out.append([*cells, f"{r['failed']['a']}/{r['failed']['b']}"])
+    return headers, out
+
+
+def equivalence_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    def h(xs: list[str | None]) -> str:
+        return ", ".join((x or "failed")[:12] for x in xs)
+
+    headers = ["prompt", "A sha256 (per trial)", "B sha256 (per trial)", "A repeatable", "B repeatable", "A == B",
+               "first diff char", "first diff token"]
+    return headers, [[r["prompt"][:48], h(r["a_sha256"]), h(r["b_sha256"]), "yes" if r["a_reproducible"] else "NO",
+                      "yes" if r["b_reproducible"] else "NO", "yes" if r["equal"] else "NO",
+                      "" if r["first_diff_char"] is None else str(r["first_diff_char"]),
+                      "" if r["first_diff_token"] is None else str(r["first_diff_token"])] for r in rows]
+
+
+def markdown(env: dict, args: argparse.Namespace, trials: list[dict], rows: list[dict], eq: list[dict]) -> str:
+    conf = f"{100 * args.confidence:.0f}%"
+    order = " ".join(f"{t['side']}{t['trial']} (ready {t['ready_s']:.1f} s)" for t in trials)
+    per_trial = [[str(r["concurrency"]), side, ", ".join(num(v) for v in r["combined_tok_s"][f"{side.lower()}_trials"]),
+                  ", ".join(num(v) for v in r["ttft_ms"][f"{side.lower()}_trials"])] for r in rows for side in SIDES]
+    notes = []
+    if any(r["failed"]["a"] or r["failed"]["b"] for r in rows):
+        notes.append("**Some requests failed** (column 'failed A/B'; the errors are in ab.json): "
+                     "the throughput of a side with failures is not comparable.")
+    if not all(r["a_reproducible"] and r["b_reproducible"] for r in eq):
+        notes.append("**A configuration did not reproduce its own greedy output across trials**: an A/B mismatch "
+                     "on those prompts says nothing about the change.")
+    return "\n".join([
+        f"# A/B: `{args.model}`", "", "## Environment", "", "```", format_environment(env), "```", "",
+        "## Commands", "", f"- A: `{trials[0]['command']}`",
+        f"- B: `{next(t['command'] for t in trials if t['side'] == 'B')}`",
+        f"- workload: prompts `{args.prompts}`, concurrency {args.concurrency}, max_tokens {args.max_tokens}, "
+        f"ignore_eos {args.ignore_eos}, temperature {args.temperature}; per trial and N: {args.warmups} warm-up "
+        f"rounds, then {args.repeats} timed rounds", f"- order: {order}", "",
+        "## Throughput and TTFT", "",
+        f"One sample per trial (n = {args.trials} per side): the trial's mean combined tok/s over its rounds, and "
+        f"its median TTFT. Delta = geometric mean of B / geometric mean of A - 1, with a {conf} Welch t interval "
+        "computed on the logarithms (noise in rates and latencies is proportional to their level). The verdict "
+        "is \"no difference resolved\" when that interval contains 0: the trials cannot tell the two apart, "
+        "whatever the point estimate says.", "", markdown_table(*table(rows)), "",
+        *notes, "", "### Per-trial values", "",
+        markdown_table(["N", "side", "combined tok/s per trial", "median TTFT ms per trial"], per_trial), "",
+        "## Output equivalence", "",
+        f"Greedy (temperature 0, seed 0) chat completions of {len(eq)} prompts, one at a time, max_tokens "
+        f"{args.equiv_max_tokens or args.max_tokens}. Positions compare A's and B's first trials; the token "
+        "position comes from re-tokenizing both texts with the model's tokenizer.", "",
+        markdown_table(*equivalence_table(eq)), "", "![A/B](ab.png)", ""])
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        parse_levels(args.concurrency)
+        check_args(args)
+        PromptSource(args.prompts)
+        if args.trials < 1 or args.equiv_prompts < 0:
+            raise ValueError("--trials must be >= 1 and --equiv-prompts >= 0")
+        flags = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = []
+    try:
+        for trial in range(1, args.trials + 1):
+            for side in SIDES if trial % 2 else SIDES[::-1]:
+                print(f"trial {trial}, {side}: deltaserve serve {args.model} {shlex.join(flags[side])}",
+                      file=sys.stderr)
+                trials.append(asyncio.run(run_trial(side, trial, flags[side], args, out_dir)))
+    except (ServerError, ValueError, aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        write_json(out_dir / "ab.json", {"error": str(e), "args": vars_of(args), "trials": trials})
+        return 1
+    rows = compare_levels(trials, args.confidence)
+    eq = equivalence(trials, args.model)
+    env = environment()
+    write_json(out_dir / "ab.json", {"environment": env, "args": vars_of(args), "flags": flags, "comparison": rows,
+                                     "equivalence": eq, "trials": trials})
+    plot_ab(rows, out_dir / "ab.png", f"A: {args.a or '(defaults)'}   B: {args.b or '(defaults)'}   {env['card']}")
+    (out_dir / "report.md").write_text(markdown(env, args, trials, rows, eq))
+    print(format_environment(env))
+    print(text_table(*table(rows)))
+    print(text_table(*equivalence_table(eq)))
+    print(f"wrote {out_dir / 'report.md'}, {out_dir / 'ab.json'}, {out_dir / 'ab.png'}")
+    return 1 if any(r["failed"]["a"] or r["failed"]["b"] for r in rows) else 0

@@ -1,0 +1,164 @@
+"""The serving benchmarks end to end against real ``deltaserve serve`` subprocesses on the tiny model.
+
+Each benchmark runs in-process through the real CLI parser (``deltaserve bench ...``); the servers it
+talks to are subprocesses. Small on purpose (max_tokens 16, N = 1, 2, few rounds): the whole file
+takes a few minutes on two CPU cores, most of it server start-ups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from deltaserve.bench.ab import equivalence, first_difference
+from deltaserve.bench.startup import ServerProcess
+from deltaserve.cli import build_parser
+from deltaserve.models.make_model import make_model
+
+MAX_TOKENS = 16
+SMALL_SWEEP = ["--concurrency", "1,2", "--max-tokens", str(MAX_TOKENS), "--repeats", "2", "--warmups", "1",
+               "--ignore-eos"]
+VLLM_KEYS = ["completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
+             "output_throughput", "total_token_throughput"] + [
+    f"{stat}_{metric}_ms" for metric in ("ttft", "tpot", "itl", "e2el")
+    for stat in ("mean", "median", "std", "p90", "p95", "p99")]
+
+
+def bench(*argv: str) -> int:
+    args = build_parser().parse_args(["bench", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_servers():
+    """Servers (and this process) with one OpenMP thread. On a small shared CPU box, a server's
+    2-thread pool spin-waiting against another process's stretches a tiny model's step from ~5 ms
+    to hundreds of ms at random, which would swamp the 40 ms per-step difference the A/B must see."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model("tiny", tmp_path_factory.mktemp("model") / "tiny")
+
+
+class TestOneServer:
+    """sweep and ttft against one server, stopped before the A/B tests start their own."""
+
+    @pytest.fixture(scope="class")
+    def url(self, model_dir, tmp_path_factory):
+        server = ServerProcess(str(model_dir), ["--max-num-seqs", "4"], tmp_path_factory.mktemp("log") / "serve.log")
+        try:
+            asyncio.run(server.wait_ready(180))
+            yield server.url
+        finally:
+            status = server.stop()
+        assert status == 0  # SIGTERM: a clean drain and exit
+
+    def test_sweep_counts_tokens_and_writes_a_complete_report(self, url, tmp_path):
+        out = tmp_path / "sweep.json"
+        assert bench("sweep", "--url", url, *SMALL_SWEEP, "--output", str(out)) == 0
+        report = json.loads(out.read_text())
+        assert out.with_suffix(".png").stat().st_size > 10_000
+        assert {"date", "card", "torch", "commit", "command"} <= report["environment"].keys()
+        assert report["args"]["max_tokens"] == MAX_TOKENS and report["model"]
+        assert [lv["concurrency"] for lv in report["levels"]] == [1, 2]
+        for lv in report["levels"]:
+            n = lv["concurrency"]
+            assert all(lv[k] is not None for k in VLLM_KEYS), [k for k in VLLM_KEYS if lv[k] is None]
+            assert (lv["completed"], lv["failed"], lv["warmup_rounds"], lv["rounds"]) == (2 * n, 0, 1, 2)
+            assert lv["samples"]["ttft"] == 2 * n and lv["samples"]["itl"] > 0 and lv["samples"]["combined_tok_s"] == 2
+            combined = []
+            for rd in lv["round_records"]:
+                assert len(rd["requests"]) == n
+                assert [r["completion_tokens"] for r in rd["requests"]] == [MAX_TOKENS] * n  # ignore_eos honoured
+                assert all(0 < r["ttft_s"] < r["e2e_s"] < rd["wall_s"] for r in rd["requests"])
+                # combined tok/s is recomputed from the raw records, not trusted
+                combined.append(sum(r["completion_tokens"] for r in rd["requests"]) / rd["wall_s"])
+                assert rd["combined_tok_s"] == pytest.approx(combined[-1])
+            assert lv["combined_tok_s"]["mean"] == pytest.approx(sum(combined) / len(combined))
+            assert lv["total_output_tokens"] == 2 * n * MAX_TOKENS
+            assert lv["output_throughput"] == pytest.approx(2 * n * MAX_TOKENS / lv["duration"])
+            assert lv["median_tpot_ms"] > 0 and lv["p99_ttft_ms"] >= lv["median_ttft_ms"] > 0
+
+    def test_ttft_counts_its_samples(self, url, tmp_path):
+        out = tmp_path / "ttft.json"
+        assert bench("ttft", "--url", url, "--warmups", "2", "--requests", "6", "--output", str(out)) == 0
+        report = json.loads(out.read_text())
+        s = report["summary"]
+        assert (s["n"], s["failed"], len(report["requests"])) == (6, 0, 6)
+        assert 0 < s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+        assert s["stddev_ms"] >= 0
+
+
+def run_ab(model_dir: Path, out: Path, a: str, b: str, *extra: str) -> dict:
+    assert bench("ab", str(model_dir), f"--a={a}", f"--b={b}", *SMALL_SWEEP, *extra, "--output", str(out)) == 0
+    assert (out / "report.md").exists() and (out / "ab.png").stat().st_size > 10_000
+    for side in "AB":
+        assert (out / f"server-{side}-1.log").read_text()
+    return json.loads((out / "ab.json").read_text())
+
+
+def test_ab_identical_configs_resolve_no_difference(model_dir, tmp_path):
+    # Same flags on both sides: only noise differs. At 99% confidence a correct interval declares a
+    # difference in ~1% of runs per level; one resting on rounds instead of server starts (rounds of
+    # one server are not independent), or a side-dependent bias, far more often. Three trials, not
+    # two: with n = 2 the spread itself is one number, and by chance often a tiny one.
+    report = run_ab(model_dir, tmp_path, "--max-num-seqs 4", "--max-num-seqs 4", "--trials", "3",
+                    "--confidence", "0.99")
+    assert [t["side"] + str(t["trial"]) for t in report["trials"]] == ["A1", "B1", "B2", "A2", "A3", "B3"]
+    for row in report["comparison"]:
+        assert row["combined_tok_s"]["comparison"]["verdict"] == "no difference resolved", row
+        assert len(row["combined_tok_s"]["a_trials"]) == 3 and row["failed"] == {"a": 0, "b": 0}
+    assert len(report["equivalence"]) == 5
+    for eq in report["equivalence"]:
+        assert eq["equal"] and eq["a_reproducible"] and eq["b_reproducible"], eq
+        assert len(set(eq["a_sha256"] + eq["b_sha256"])) == 1
+    md = (tmp_path / "report.md").read_text()
+    assert "no difference resolved" in md and "## Output equivalence" in md and "card:" in md
+
+
+def test_ab_detects_a_slower_server(model_dir, tmp_path):
+    report = run_ab(model_dir, tmp_path, "--max-num-seqs 4", "--max-num-seqs 4 --debug-step-delay-ms 40",
+                    "--trials", "3", "--equiv-prompts", "1")
+    for row in report["comparison"]:
+        c = row["combined_tok_s"]["comparison"]
+        assert c["verdict"] == "A faster", row
+        assert c["delta_pct_high"] < 0
+    # a slower server is not a different one: the greedy outputs still match
+    assert report["equivalence"][0]["equal"]
+
+
+def test_equivalence_locates_the_first_difference(model_dir):
+    assert first_difference("abcd", "abxd") == 2
+    assert first_difference("abc", "abc") is None
+    assert first_difference("abc", "abcd") == 3
+    assert first_difference([1, 2, 3], [1, 2, 4]) == 2
+
+    def trial(side: str, k: int, text: str) -> dict:
+        return {"side": side, "trial": k, "outputs": [{"prompt": "p", "text": text, "sha256": str(hash(text))}]}
+
+    same, other = "the cat sat on the mat", "the cat sat on a hat"
+    rows = equivalence([trial("A", 1, same), trial("B", 1, other), trial("A", 2, same), trial("B", 2, same)],
+                       str(model_dir))
+    r = rows[0]
+    assert r["a_reproducible"] and not r["b_reproducible"] and not r["equal"]
+    assert r["first_diff_char"] == same.index("the mat")
+    assert isinstance(r["first_diff_token"], int) and 0 < r["first_diff_token"] <= r["first_diff_char"]
+
+
+def test_startup_smoke(model_dir, tmp_path):
+    out = tmp_path / "startup.json"
+    assert bench("startup", str(model_dir), "--max-num-seqs", "4", "--cold", "--runs", "1",
+                 "--log-dir", str(tmp_path), "--output", str(out)) == 0
+    report = json.loads(out.read_text())
+    assert report["serve_flags"] == ["--max-num-seqs", "4"] and report["cold"]
+    [run] = report["runs"]
+    assert 0 < run["health_s"] < run["first_token_s"]
+    assert run["exit_status"] == 0 and run["compiled_graphs"] is None  # no --compile
+    assert report["summary"]["health_s"]["n"] == 1

@@ -10,7 +10,9 @@ recompiles, once per layer -- kept so a test can demonstrate the difference.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -32,16 +34,32 @@ class LayerRef(OpaqueBase):  # type: ignore[misc]
     """A handle on a layer, plus the static sizes fake (meta) kernels need to shape their outputs.
 
     ``sizes`` come from the config for this TP rank, never from ``weight.shape`` (a packed or quantised
-    weight's shape says nothing about the output).
+    weight's shape says nothing about the output). The handle holds only a unique name and the sizes --
+    the module itself is found through a weak registry -- so compile caches that copy or pickle their
+    graphs' opaque constants (torch 2.11's inductor does) copy a few bytes, not a layer's weights.
     """
 
-    def __init__(self, module: nn.Module, name: str, sizes: dict[str, int]):
-        self.module = module
+    def __init__(self, name: str, sizes: dict[str, int]):
         self.name = name
         self.sizes = sizes
 
+    @property
+    def module(self) -> nn.Module:
+        module = _MODULES[self.name]()
+        if module is None:
+            raise RuntimeError(f"layer {self.name} no longer exists")
+        return module
 
+    def __deepcopy__(self, memo) -> LayerRef:
+        return self  # immutable handle: a copy is the same handle
+
+    def __reduce__(self):
+        return (LayerRef, (self.name, self.sizes))
+
+
+_MODULES: dict[str, weakref.ref] = {}
 _REGISTRY: dict[str, LayerRef] = {}
+_COUNTER = itertools.count()
 _MODE = "opaque" if HAS_OPAQUE else "string"
 
 if HAS_OPAQUE:
@@ -64,9 +82,14 @@ def set_layer_arg(mode: str) -> None:
     _MODE = mode
 
 
-def layer_arg(module: nn.Module, name: str, sizes: dict[str, int]) -> LayerRef | str:
-    """What a layer passes to its custom ops: a LayerRef, or its (unique) name in string mode."""
-    ref = LayerRef(module, name, sizes)
+def layer_arg(module: nn.Module, prefix: str, sizes: dict[str, int]) -> LayerRef | str:
+    """What a layer passes to its custom ops: a LayerRef, or its unique name in string mode.
+
+    Names are made unique per process (several models may be alive at once, e.g. in tests).
+    """
+    name = f"{prefix}#{next(_COUNTER)}"
+    _MODULES[name] = weakref.ref(module, lambda _, n=name: (_MODULES.pop(n, None), _REGISTRY.pop(n, None)))
+    ref = LayerRef(name, sizes)
     _REGISTRY[name] = ref
     return ref if _MODE == "opaque" else name
 

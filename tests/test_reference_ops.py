@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from deltaserve.ops.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
-from deltaserve.ops.gated_delta_rule import chunk_gated_delta_rule_ref, gdn_decode_ref, recurrent_gated_delta_rule_ref
+from deltaserve.ops.gated_delta_rule import (
+    chunk_gated_delta_rule_ref,
+    gdn_decode_ref,
+    recurrent_gated_delta_rule_ref,
+)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

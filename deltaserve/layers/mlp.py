@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deltaserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from deltaserve.ops.norms import silu_and_mul
 
 
 class SwiGLU(nn.Module):
@@ -18,5 +18,14 @@ class SwiGLU(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce=reduce, what="intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(torch.ops.deltaserve.silu_and_mul(self.gate_up_proj(x)))
+
+
+@torch.library.custom_op("deltaserve::silu_and_mul", mutates_args=())
+def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return silu_and_mul(gate_up)  # one kernel on the GPU (ops/norms.py)
+
+
+@_silu_and_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)

@@ -1,31 +1,65 @@
 """RMSNorms of Qwen3.5 / Qwen3-Next.
 
 Every norm is zero-centred (``x_hat * (1 + w)``, weights stored around 0) except the GDN output norm,
-``RMSNormGated``: plain ``x_hat * w``, then ``* silu(z)``. Statistics are computed in float32.
+``RMSNormGated``: plain ``x_hat * w``, then ``* silu(z)``. Statistics are computed in float32. On the GPU
+each is one fused kernel (``ops/norms.py``), the residual add included; the ops are registered as
+custom ops so torch.compile treats them as single nodes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from deltaserve.ops import norms
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+@torch.library.custom_op("deltaserve::rms_norm", mutates_args=())
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return norms.rms_norm(x, weight, eps)
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("deltaserve::add_rms_norm", mutates_args=())
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return norms.rms_norm(x, weight, eps, residual=residual)
+
+
+@_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("deltaserve::rms_norm_gated", mutates_args=())
+def _rms_norm_gated(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return norms.rms_norm_gated(o, z, weight, eps)
+
+
+@_rms_norm_gated.register_fake
+def _(o, z, weight, eps):
+    return torch.empty_like(o)
 
 
 class RMSNorm(nn.Module):
-    """Zero-centred RMSNorm: ``(x / rms(x)) * (1 + weight)``."""
+    """Zero-centred RMSNorm: ``(x / rms(x)) * (1 + weight)``.
+
+    With ``residual``: returns ``(norm(x + residual), x + residual)`` -- the add fused into the norm.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (_rms(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return torch.ops.deltaserve.rms_norm(x, self.weight, self.eps)
+        return torch.ops.deltaserve.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RMSNormGated(nn.Module):
@@ -37,6 +71,4 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        # HF rounds the normalised value to the input dtype before the weight: match it for bf16 parity.
-        y = self.weight * _rms(o, self.eps).to(o.dtype)
-        return (y.float() * F.silu(z.float())).to(o.dtype)
+        return torch.ops.deltaserve.rms_norm_gated(o, z, self.weight, self.eps)

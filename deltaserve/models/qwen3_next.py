@@ -34,11 +34,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(H, eps)
         self.post_attention_layernorm = RMSNorm(H, eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.input_layernorm(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the previous layer's output, ``residual`` the stream before it (None at layer 0).
+
+        The residual adds are fused into the next norm: ``x + residual`` is formed by the norm kernel.
+        """
+        h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
         h = self.linear_attn(h) if self.is_gdn else self.self_attn(h, positions)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class TextModel(nn.Module):
@@ -49,10 +54,10 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, H]
+        x, residual = self.embed_tokens(input_ids), None  # [T, H]
         for layer in self.layers:
-            x = layer(x, positions)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions)
+        return self.norm(x, residual)[0]
 
 
 _SKIP = re.compile(r"^(mtp\.|model\.visual\.|visual\.|model\.mtp\.)")

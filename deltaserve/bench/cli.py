@@ -12,6 +12,7 @@ BENCHMARKS = {
     "ttft": "time to first token of short streamed requests",
     "startup": "seconds from process start to /health and to the first token, cold and warm",
     "layer": "the GDN in_proj micro-benchmark: serial / dual / fused per token count",
+    "profile": "per-op-class breakdown of one decode step against the bytes each class must move",
 }
 
 

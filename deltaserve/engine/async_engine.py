@@ -181,6 +181,9 @@ class AsyncEngine:
             return
         s, last = self.engine.stats, self._last_stats
         u = self._usage
+        if s == last and not (u["running"] or u["waiting"]):
+            self._last_log = now
+            return  # idle since the last line: say nothing (as vLLM does)
         logger.info(
             "engine: running %d, waiting %d, KV %.1f%%, state slots %.1f%%, prompt %.1f tok/s, generation %.1f tok/s",
             u["running"], u["waiting"], 100 * (1 - u["kv_free"] / u["kv_total"]),

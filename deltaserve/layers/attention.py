@@ -58,15 +58,15 @@ def _attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: Laye
     meta = get_batch()
     store_kv(k, v, attn.k_cache, attn.v_cache, meta.slot_mapping)
     T, nd = q.shape[0], meta.num_decodes
-    out = torch.empty_like(q)
+    parts = []
     if nd:
-        out[:nd] = paged_attention_decode(q[:nd], attn.k_cache, attn.v_cache, meta.block_tables[:nd],
-                                          meta.seq_lens[:nd], attn.scale)
+        parts.append(paged_attention_decode(q[:nd], attn.k_cache, attn.v_cache, meta.block_tables[:nd],
+                                            meta.seq_lens[:nd], attn.scale))
     if T > nd:
         pv = meta.prefill
-        out[nd:] = paged_attention_prefill(q[nd:], attn.k_cache, attn.v_cache, pv.block_tables,
-                                           pv.query_start_loc, pv.seq_lens, attn.scale, meta.max_query_len)
-    return out
+        parts.append(paged_attention_prefill(q[nd:], attn.k_cache, attn.v_cache, pv.block_tables,
+                                             pv.query_start_loc, pv.seq_lens, attn.scale, meta.max_query_len))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # no copy unless the step mixes both
 
 
 def _attention_core_fake(q, k, v, ref: LayerRef) -> torch.Tensor:

@@ -140,13 +140,13 @@ def _gdn_core(mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, ref: La
     gdn: GatedDeltaNet = ref.module
     meta = get_batch()
     T, nd = mixed_qkv.shape[0], meta.num_decodes
-    out = mixed_qkv.new_empty(T, gdn.num_v_heads, gdn.head_v_dim)
-    mixed_qkv = mixed_qkv.contiguous()
+    # mixed_qkv is a row-strided view of the in_proj output: the kernels read it in place.
+    parts = []
     if nd:
-        out[:nd] = _decode(gdn, mixed_qkv[:nd], b[:nd], a[:nd], meta.state_slots[:nd], meta.positions[:nd])
+        parts.append(_decode(gdn, mixed_qkv[:nd], b[:nd], a[:nd], meta.state_slots[:nd], meta.positions[:nd]))
     if T > nd:
-        out[nd:] = _prefill(gdn, mixed_qkv[nd:], b[nd:], a[nd:], meta.prefill)
-    return out
+        parts.append(_prefill(gdn, mixed_qkv[nd:], b[nd:], a[nd:], meta.prefill))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # no copy unless the step mixes both
 
 
 def _gdn_core_fake(mixed_qkv, b, a, ref: LayerRef) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""``bench profile``: where one decode step's time goes, per op class, against the bytes it must move.
+
+Runs ``--batch`` requests into steady decode, then profiles ``--steps`` decode steps eagerly (no CUDA
+graphs, so every kernel is visible; kernel durations are the same inside a graph, the launch gaps are
+not). Kernels are grouped by name into classes; each class's time per step is set against the bytes
+that class must move (from ``bench/roofline.py``'s model), giving its achieved bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+
+from deltaserve.bench.env import environment, format_environment
+from deltaserve.bench.offline import resolve_model
+
+# First match wins. GPU kernel names (cuBLAS / Triton / ATen) and CPU aten op names.
+CLASSES = [
+    ("in_proj (dual)", r"gdn_in_proj"),
+    ("gdn (conv + delta rule)", r"gdn|gated_delta|chunk_|fused_recurrent|conv1d|causal_conv|recompute_w_u|solve_tril"),
+    ("attention", r"paged|attention|store_kv|_attn|flash"),
+    ("moe experts", r"moe|_w13|_w2_kernel|align"),
+    ("gemm (linear layers)", r"gemm|gemv|cublas|cutlass|xmma|nvjet|aten::linear|aten::mm|aten::addmm|splitk"),
+    ("norms + activation", r"rms_norm|silu_and_mul|_norm"),
+    ("routing + sampling", r"softmax|topk|sort|argmax|exponential|multinomial"),
+    ("elementwise + copies", r"elementwise|vectorized|reduce|copy|cat|index|fill|where|aten::"),
+]
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for cls, pattern in CLASSES:
+        if re.search(pattern, low):
+            return cls
+    return "other"
+
+
+def _is_op(name: str) -> bool:
+    return name.startswith(("aten::", "deltaserve::"))
+
+
+def _top_level_op(e) -> bool:
+    """A CPU op not called by another op (custom ops count whole, their internals not again)."""
+    if not _is_op(e.name):
+        return False
+    p = e.cpu_parent
+    while p is not None:
+        if _is_op(p.name):
+            return False
+        p = p.cpu_parent
+    return True
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from deltaserve.config import EngineConfig
+
+    EngineConfig.add_cli_args(p)
+    p.add_argument("--preset", default=None, help="profile a make-model preset (config only, --load-format dummy)")
+    p.add_argument("--layers", type=int, default=None, help="with --preset: override the layer count")
+    p.add_argument("--batch", type=int, default=1, help="decoding requests in the profiled steps")
+    p.add_argument("--steps", type=int, default=5, help="decode steps profiled")
+    p.add_argument("--output", default=None, help="write the breakdown as JSON here")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from deltaserve.bench.roofline import decode_step_bytes, param_counts
+    from deltaserve.config import EngineConfig
+    from deltaserve.engine.engine import LLMEngine
+    from deltaserve.sampling import SamplingParams
+
+    resolve_model(args)
+    args.enforce_eager = True
+    cfg = EngineConfig.from_cli_args(args)
+    cfg.max_num_seqs = max(cfg.max_num_seqs, args.batch)
+    engine = LLMEngine(cfg)
+    params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(engine.make_request([10 + i] * 16, params))
+    for _ in range(4):  # prefill, then a few decode steps to warm every kernel
+        engine.step()
+    on_gpu = engine.runner.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        if on_gpu:
+            torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for e in prof.events():
+        if on_gpu and e.device_type.name == "CUDA":
+            times[classify(e.name)] += e.device_time / args.steps
+            counts[classify(e.name)] += 1
+        elif not on_gpu and _top_level_op(e):
+            times[classify(e.name)] += e.cpu_time_total / args.steps
+            counts[classify(e.name)] += 1
+    for req_id in list(engine.requests):
+        engine.abort(req_id)
+    mc, dt = engine.model_config, engine.runner.dtype.itemsize
+    b = decode_step_bytes(mc, args.batch, 20, dt, cfg.torch_state_dtype.itemsize)
+    c = param_counts(mc)
+    expert_bytes = b.weights - (c["gdn"] + c["attention"] + c["dense_mlp"] + c["moe_fixed"] + mc.vocab_size * mc.hidden_size) * dt
+    class_bytes = {"gemm (linear layers)": b.weights - expert_bytes, "moe experts": expert_bytes,
+                   "gdn (conv + delta rule)": b.state, "attention": b.kv}
+    total = sum(times.values())
+    env = environment()
+    print(format_environment(env))
+    print(f"{mc.architecture}, {mc.num_hidden_layers} layers, batch {args.batch}, {args.steps} eager decode steps "
+          f"profiled; kernel time per step {total / 1e3:.3f} ms")
+    print(f"{'class':<24} {'kernels/step':>12} {'us/step':>9} {'share':>6} {'GB/step':>8} {'GB/s':>7}")
+    rows = []
+    for cls in sorted(times, key=times.get, reverse=True):
+        t, nb = times[cls], class_bytes.get(cls)
+        rows.append({"class": cls, "kernels_per_step": counts[cls] / args.steps, "us_per_step": t, "bytes": nb})
+        bw = f"{nb / (t * 1e-6) / 1e9:7.0f}" if nb and t else "      -"
+        gb = f"{nb / 1e9:8.3f}" if nb else "       -"
+        print(f"{cls:<24} {counts[cls] / args.steps:>12.1f} {t:>9.1f} {100 * t / total:>5.1f}% {gb} {bw}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"environment": env, "batch": args.batch, "rows": rows, "kernel_us_per_step": total}, f, indent=2)
+    return 0

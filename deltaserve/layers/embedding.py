@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltaserve.distributed import all_gather, all_reduce, tp_rank, tp_size
-from deltaserve.layers.linear import copy_checked
+from deltaserve.layers.linear import check_shape, copy_checked
 
 
 def _pad_vocab(vocab: int, tp: int) -> int:
@@ -24,9 +24,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard=None, name: str = "") -> None:
-        shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
-        if shape != (self.vocab_size, param.shape[1]):
-            copy_checked(param.data, loaded, name)  # raises with both shapes
+        check_shape(name, loaded, (self.vocab_size, param.shape[1]))
         end = min(self.start + self.per_rank, self.vocab_size)
         param.data[end - self.start :].zero_()
         copy_checked(param.data[: end - self.start], loaded[self.start : end], name)

@@ -14,11 +14,18 @@ from deltaserve.distributed import divide, tp_rank, tp_size
 from deltaserve.forward_context import get_batch
 from deltaserve.layers.inproj import InProjPlan, project
 from deltaserve.layers.layer_ref import LayerRef, define_layer_op, layer_arg, layer_op
-from deltaserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear, copy_checked, rank_rows
+from deltaserve.layers.linear import (
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    check_shape,
+    copy_checked,
+    rank_rows,
+)
 from deltaserve.layers.norm import RMSNormGated
 from deltaserve.models.config import ModelConfig
 from deltaserve.ops.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
-from deltaserve.ops.gated_delta_rule import chunk_gated_delta_rule_ref, gdn_decode_ref, gdn_gating
+from deltaserve.ops.gated_delta_rule import gdn_decode_ref
+from deltaserve.ops.gdn_prefill import gdn_prefill_ref
 
 
 class GatedDeltaNet(nn.Module):
@@ -75,9 +82,7 @@ class GatedDeltaNet(nn.Module):
             parts, first = [r, r], 4
         group, H = sum(parts), param.shape[1]
         total = group * self.num_k_heads * tp_size()
-        shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
-        if shape != (total, H):
-            raise_shape(name, (total, H), shape)
+        check_shape(name, loaded, (total, H))
         g0 = tp_rank() * self.num_k_heads
         rows = loaded[g0 * group : (g0 + self.num_k_heads) * group].view(self.num_k_heads, group, H)
         ip = self.in_proj
@@ -107,26 +112,16 @@ class ConvWeight(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded, shard=None, name=""):
-        shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
-        if shape != (sum(self.full_sizes), 1, param.shape[2]):
-            raise_shape(name, (sum(self.full_sizes), 1, param.shape[2]), shape)
+        check_shape(name, loaded, (sum(self.full_sizes), 1, param.shape[2]))
         row, out = 0, 0
         for full, mine in zip(self.full_sizes, self.rank_sizes):
             copy_checked(param.data[out : out + mine], rank_rows(loaded, full, name, start=row), name)
             row, out = row + full, out + mine
 
 
-def raise_shape(name: str, expected, got) -> None:
-    from deltaserve.errors import CheckpointError
-
-    raise CheckpointError(f"{name}: expected shape {tuple(expected)}, got {tuple(got)}")
-
-
 def _head_loader(total: int):
     def load(param, loaded, shard=None, name=""):
-        shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
-        if shape != (total,):
-            raise_shape(name, (total,), shape)
+        check_shape(name, loaded, (total,))
         copy_checked(param.data, rank_rows(loaded, total, name), name)
 
     return load
@@ -187,11 +182,5 @@ def _prefill(gdn: GatedDeltaNet, qkv, b, a, pv) -> torch.Tensor:
                            pv.has_initial_state, pv.query_start_loc)
     x = causal_conv1d_ref(qkv, w, pv.query_start_loc_cpu, pv.context_lens_cpu, gdn.conv_state, pv.state_slots)
     q, k, v = _split_heads(gdn, x)
-    g, beta = gdn_gating(a, b, gdn.A_log, gdn.dt_bias)
-    slots = pv.state_slots.long()
-    # where(), not a multiply: a free slot may hold anything, NaN included.
-    init = torch.where(pv.has_initial_state[:, None, None, None], gdn.ssm_state[slots].float(), 0.0)
-    o, final = chunk_gated_delta_rule_ref(q[None], k[None], v[None], g[None], beta[None], initial_state=init,
-                                          cu_seqlens=pv.query_start_loc_cpu)
-    gdn.ssm_state[slots] = final.to(gdn.ssm_state.dtype)
-    return o[0]
+    return gdn_prefill_ref(q, k, v, a, b, gdn.A_log, gdn.dt_bias, gdn.ssm_state, pv.state_slots,
+                           pv.has_initial_state, pv.query_start_loc_cpu)

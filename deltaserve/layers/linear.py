@@ -33,8 +33,14 @@ def copy_checked(dst: torch.Tensor, src, name: str) -> None:
     dst.copy_(src)
 
 
-def _shape(loaded) -> tuple[int, ...]:
+def shape_of(loaded) -> tuple[int, ...]:
+    """Shape of a tensor or of a lazy safetensors slice (without reading it)."""
     return tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
+
+
+def check_shape(name: str, loaded, expected) -> None:
+    if shape_of(loaded) != tuple(expected):
+        raise CheckpointError(f"{name}: expected shape {tuple(expected)}, got {shape_of(loaded)}")
 
 
 def rank_rows(loaded, total: int, name: str, start: int = 0):
@@ -73,8 +79,8 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, divide(output_size, tp_size(), what))
 
     def weight_loader(self, param, loaded, shard=None, name=""):
-        if _shape(loaded)[0] != self.full_output_size:
-            raise CheckpointError(f"{name}: expected {self.full_output_size} rows, got shape {_shape(loaded)}")
+        if shape_of(loaded)[0] != self.full_output_size:
+            raise CheckpointError(f"{name}: expected {self.full_output_size} rows, got shape {shape_of(loaded)}")
         copy_checked(param.data, rank_rows(loaded, self.full_output_size, name), name)
 
 
@@ -93,8 +99,8 @@ class HeadParallelLinear(LinearBase):
         super().__init__(input_size, self.heads_per_rank * head_dim)
 
     def weight_loader(self, param, loaded, shard=None, name=""):
-        if _shape(loaded)[0] != self.num_heads * self.head_dim:
-            raise CheckpointError(f"{name}: expected {self.num_heads * self.head_dim} rows, got {_shape(loaded)}")
+        if shape_of(loaded)[0] != self.num_heads * self.head_dim:
+            raise CheckpointError(f"{name}: expected {self.num_heads * self.head_dim} rows, got {shape_of(loaded)}")
         start = self.first_head * self.head_dim
         copy_checked(param.data, loaded[start : start + self.output_size], name)
 
@@ -115,8 +121,8 @@ class MergedColumnParallelLinear(LinearBase):
     def weight_loader(self, param, loaded, shard=None, name=""):
         shards = (shard,) if isinstance(shard, int) else tuple(shard)
         expected = sum(self.full_sizes[s] for s in shards)
-        if _shape(loaded)[0] != expected:
-            raise CheckpointError(f"{name}: expected {expected} rows, got shape {_shape(loaded)}")
+        if shape_of(loaded)[0] != expected:
+            raise CheckpointError(f"{name}: expected {expected} rows, got shape {shape_of(loaded)}")
         row = 0
         for s in shards:
             rows = rank_rows(loaded, self.full_sizes[s], name, start=row)
@@ -139,7 +145,7 @@ class RowParallelLinear(LinearBase):
         return all_reduce(y) if self.reduce else y
 
     def weight_loader(self, param, loaded, shard=None, name=""):
-        shape = _shape(loaded)
+        shape = shape_of(loaded)
         if len(shape) != 2 or shape[1] != self.full_input_size:
             raise CheckpointError(f"{name}: expected {self.full_input_size} columns, got shape {shape}")
         per = self.input_size

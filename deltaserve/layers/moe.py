@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from deltaserve.distributed import all_reduce, divide, tp_rank, tp_size
-from deltaserve.errors import CheckpointError
-from deltaserve.layers.linear import ReplicatedLinear
+from deltaserve.layers.linear import ReplicatedLinear, check_shape
 from deltaserve.layers.mlp import SwiGLU
 from deltaserve.models.config import ModelConfig
 
@@ -37,21 +36,16 @@ class Experts(nn.Module):
     def _cols(self) -> slice:
         return slice(tp_rank() * self.i, (tp_rank() + 1) * self.i)
 
-    def _check(self, name: str, got, expected) -> None:
-        got = tuple(got.shape) if isinstance(got, torch.Tensor) else tuple(got.get_shape())
-        if got != tuple(expected):
-            raise CheckpointError(f"{name}: expected shape {tuple(expected)}, got {got}")
-
     def load_gate_up(self, param, loaded, shard=None, name: str = "") -> None:
         """shard: None (stacked [E, 2I, H]) or (expert, "gate" | "up") for a per-expert [I, H] tensor."""
         H, c = param.shape[2], self._cols()
         if shard is None:
-            self._check(name, loaded, (self.num_experts, 2 * self.full_i, H))
+            check_shape(name, loaded, (self.num_experts, 2 * self.full_i, H))
             param.data[:, : self.i] = loaded[:, c]
             param.data[:, self.i :] = loaded[:, self.full_i + c.start : self.full_i + c.stop]
             return
         e, part = shard
-        self._check(name, loaded, (self.full_i, H))
+        check_shape(name, loaded, (self.full_i, H))
         rows = slice(0, self.i) if part == "gate" else slice(self.i, 2 * self.i)
         param.data[e, rows] = loaded[c]
 
@@ -59,10 +53,10 @@ class Experts(nn.Module):
         """shard: None (stacked [E, H, I]) or (expert, "down") for a per-expert [H, I] tensor."""
         H, c = param.shape[1], self._cols()
         if shard is None:
-            self._check(name, loaded, (self.num_experts, H, self.full_i))
+            check_shape(name, loaded, (self.num_experts, H, self.full_i))
             param.data.copy_(loaded[:, :, c])
             return
-        self._check(name, loaded, (H, self.full_i))
+        check_shape(name, loaded, (H, self.full_i))
         param.data[shard[0]] = loaded[:, c]
 
 

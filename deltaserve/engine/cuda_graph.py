@@ -35,6 +35,7 @@ class DecodeGraphs:
         self.block_tables = torch.full((n, max_blocks), scratch_block, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._live = 0  # rows holding a live request since the last reset
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
@@ -98,6 +99,8 @@ class DecodeGraphs:
         self.input_ids[:B], self.positions[:B], self.slot_mapping[:B] = host[0], host[1], host[2]
         self.state_slots[:B], self.seq_lens[:B], self.context_lens[:B] = small[0], small[1], small[2]
         self.block_tables[:B, :width] = table.to(self.block_tables.device, non_blocking=True)
-        self._reset_padding(B)
+        if self._live > B:  # rows a larger batch used last time become padding again
+            self._reset_padding(B)
+        self._live = B
         self.graphs[bs].replay()
         return self.logits[bs][:B]

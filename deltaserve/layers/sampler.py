@@ -43,10 +43,10 @@ class Sampler:
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = self._penalise(logits, rows)
-        greedy = torch.tensor([p.greedy for p in params], device=self.device)
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
+            greedy = torch.tensor([p.greedy for p in params], device=self.device)
             temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=self.device)
             probs = self._filter(torch.softmax(logits / temp[:, None], dim=-1), params)
             sampled = (probs / self._noise(B, V, rows)).argmax(-1)

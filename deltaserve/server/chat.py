@@ -30,7 +30,7 @@ from deltaserve.server.protocol import (
     UsageInfo,
     per_choice,
 )
-from deltaserve.server.streaming import DONE, ClientGone, MergedStream, SSEResponse, sse, until_disconnected
+from deltaserve.server.streaming import DONE, MergedStream, SSEResponse, collect_final, sse
 
 
 def usage(finals: list[RequestOutput]) -> UsageInfo:
@@ -60,12 +60,9 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if req.stream:
         head = ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=[])
         return SSEResponse(_events(stream, head, params.n, req.include_usage, want_logprobs, state.texts))
-    try:
-        finals = await until_disconnected(request, stream.collect())
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await stream.close()
+    finals = await collect_final(request, stream)
+    if finals is None:
+        return Response(status_code=499)  # client gone: nobody reads this
     choices = [ChatChoice(index=i, message=ChatResponseMessage(content=o.text), finish_reason=o.finish_reason,
                           logprobs=chat_logprobs(o.logprobs or [], state.texts) if want_logprobs else None)
                for i, o in enumerate(finals)]

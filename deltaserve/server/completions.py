@@ -24,7 +24,7 @@ from deltaserve.server.protocol import (
     UsageInfo,
     per_choice,
 )
-from deltaserve.server.streaming import DONE, ClientGone, MergedStream, SSEResponse, sse, until_disconnected
+from deltaserve.server.streaming import DONE, MergedStream, SSEResponse, collect_final, sse
 
 
 def usage(finals: list[RequestOutput], n: int) -> UsageInfo:
@@ -47,12 +47,9 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     if req.stream:
         head = CompletionResponse(id=rid, created=created, model=state.model_name, choices=[])
         return SSEResponse(_events(stream, head, params.n, req.include_usage, want_logprobs, state.texts))
-    try:
-        finals = await until_disconnected(request, stream.collect())
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await stream.close()
+    finals = await collect_final(request, stream)
+    if finals is None:
+        return Response(status_code=499)  # client gone: nobody reads this
     choices = [CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason,
                                 logprobs=completion_logprobs(o.logprobs or [], state.texts) if want_logprobs
                                 else None)

@@ -179,3 +179,13 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     if task.cancelled():
         raise ClientGone()
     return task.result()
+
+
+async def collect_final(request: Request, stream: MergedStream) -> list[RequestOutput] | None:
+    """Every choice's final output for a non-streamed response; None if the client left (request aborted)."""
+    try:
+        return await until_disconnected(request, stream.collect())
+    except ClientGone:
+        return None
+    finally:
+        await stream.close()

@@ -51,6 +51,10 @@ class EngineConfig:
                      choices=list(STRATEGIES))
     enforce_eager: bool = _f(False, "Never use CUDA graphs.")
     compile: bool = _f(False, "torch.compile each decoder layer (regional compilation).")
+    layer_arg: str = _f("auto", "How custom ops name their layer: opaque (one compiled graph shared by all layers "
+                                "of a kind; torch >= 2.11), string (a layer name: --compile recompiles every "
+                                "layer; kept to measure that), auto (opaque where torch has it).",
+                        choices=["auto", "opaque", "string"])
     cuda_graph_sizes: list[int] | None = _f(None, "Decode batch sizes to capture (default 1, 2, 4, 8, 16, 24, "
                                                   "... up to max_num_seqs).")
     seed: int = _f(0, "Seed of the sampler's default generator and of dummy weights.")
@@ -75,6 +79,13 @@ class EngineConfig:
         self._check(self.kv_cache_memory > 0, "kv_cache_memory", self.kv_cache_memory, "use a positive byte count")
         self._check(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size,
                     "use 8, 16, 32, 64 or 128")
+        self._check(self.layer_arg in ("auto", "opaque", "string"), "layer_arg", self.layer_arg,
+                    "use auto, opaque or string")
+        if self.layer_arg == "opaque":
+            from deltaserve.layers.layer_ref import HAS_OPAQUE
+
+            self._check(HAS_OPAQUE, "layer_arg", self.layer_arg,
+                        f"torch {torch.__version__} has no opaque objects: use auto or string")
         self._check(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
                     "use a value >= 1")
         self._check(self.debug_step_delay_ms >= 0, "debug_step_delay_ms", self.debug_step_delay_ms, "use >= 0")

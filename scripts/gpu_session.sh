@@ -1,40 +1,68 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work: install the wheels the image lacks, then run the stages named on the
-# command line, each logged to $OUT/<stage>.log (what comes back from the device). Usage:
-#   bash scripts/gpu_session.sh tests layer offline9b offline35b compile ...
+# command line, each logged to $LOGS/<stage>.log; the `pack` stage tars $LOGS into $OUT/logs.tgz (the
+# device returns at most 8 files). Two lanes run side by side on a two-GPU machine, then both GPUs:
+#   bash scripts/gpu_session.sh setup
+#   CUDA_VISIBLE_DEVICES=0 bash scripts/gpu_session.sh kernels offline9b & \
+#   CUDA_VISIBLE_DEVICES=1 bash scripts/gpu_session.sh engine profile35b; wait
+#   bash scripts/gpu_session.sh tp-make tp-compare tp-offline35b pack
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-index --find-links .wheels fla-core fastapi uvicorn pydantic prometheus_client \
-  pytest-timeout > "$OUT/pip.log" 2>&1 || { echo "pip install failed"; tail -5 "$OUT/pip.log"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+OUT=${OUT:-/tmp/out}; LOGS=${LOGS:-/tmp/gs-logs}; mkdir -p "$OUT" "$LOGS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ "${1:-}" = setup ]; then
+  python3 -m pip install -q --no-index --find-links .wheels fla-core fastapi uvicorn pydantic prometheus_client \
+    pytest-timeout > "$LOGS/pip.log" 2>&1 || { echo "pip install failed"; tail -5 "$LOGS/pip.log"; }
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/card.txt"
+  shift
+fi
 # The 35B-A3B shape is ~69 GB of bf16 weights: all 40 layers on an H200, fewer on an 80 GB card (said in the log).
 mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 if [ "${mem_mib:-0}" -lt 100000 ] && [ -z "${LAYERS35:-}" ]; then LAYERS35=24; echo "80 GB card: 35B-A3B shape with 24 layers"; fi
+# 122B-A10B is ~5 GB a layer: at tp=2, 40 of its 48 layers on two H200s, 24 on two H100s.
+if [ -z "${LAYERS122:-}" ]; then if [ "${mem_mib:-0}" -lt 100000 ]; then LAYERS122=24; else LAYERS122=40; fi; fi
 run() {  # run STAGE COMMAND...: log, time, never stop the session
   local stage=$1; shift
-  echo "=== $stage: $*" | tee -a "$OUT/summary.txt"
+  echo "=== $stage (GPU ${CUDA_VISIBLE_DEVICES:-all}): $*" | tee -a "$LOGS/summary.txt"
   local t0=$SECONDS
-  timeout "${STAGE_TIMEOUT:-300}" "$@" > "$OUT/$stage.log" 2>&1; local rc=$?
-  echo "=== $stage rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
-  tail -n ${TAIL:-25} "$OUT/$stage.log"
+  timeout "${STAGE_TIMEOUT:-300}" "$@" > "$LOGS/$stage.log" 2>&1; local rc=$?
+  echo "=== $stage rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOGS/summary.txt"
+  tail -n ${TAIL:-25} "$LOGS/$stage.log" > "$LOGS/$stage.tail"
 }
 for stage in "$@"; do
   case $stage in
     tests) run tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests ;;
-    kernels) run kernels python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
-               tests/test_gdn_kernels_gpu.py tests/test_paged_attention_gpu.py tests/test_fused_moe_gpu.py ;;
+    kernels) run kernels python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
+               tests/test_gdn_kernels_gpu.py tests/test_paged_attention_gpu.py tests/test_fused_moe_gpu.py \
+               tests/test_norms.py ${EXTRA_KERNEL_TESTS:-} ;;
     engine) run engine python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py ;;
-    layer) run layer35 python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$OUT/layer35.json"
-           run layer122 python3 -m deltaserve.cli bench layer --preset qwen3.5-122b-a10b --layers 36 --output "$OUT/layer122.json" ;;
+    profile35b) run profile35b python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
+                  --batch 1 --output "$LOGS/profile35b.json" ;;
+    profile9b) run profile9b python3 -m deltaserve.cli bench profile --preset qwen3.5-9b --batch 1 --output "$LOGS/profile9b.json" ;;
+    compile35b-*) # compile35b-<opaque|string>-<layers>: start-up time and compiled graphs at that depth
+      IFS=- read -r _ mode nl <<< "$stage"
+      run "$stage" python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b --layers "$nl" --compile \
+        --layer-arg "$mode" --batch 1 --output-len 16 --max-num-seqs 4 --cuda-graph-sizes 1 ;;
+    tp-make) run tp-make python3 -m deltaserve.cli make-model --preset qwen3.5-35b-a3b --layers 4 --out /tmp/m35-l4 ;;
+    tp-compare) run tp-compare python3 scripts/tp_compare.py /tmp/m35-l4 --tp 2 --prompts 8 --max-tokens 32 \
+                  --output "$LOGS/tp-compare.json" ;;
+    tp-offline35b) run tp-offline35b python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b \
+                     ${LAYERS35:+--layers $LAYERS35} --tensor-parallel-size 2 --batch 1,16 --output-len 128 \
+                     --max-num-seqs 16 --output "$LOGS/tp-offline35b.json" ;;
+    tp-offline122b) run tp-offline122b python3 -m deltaserve.cli bench offline --preset qwen3.5-122b-a10b \
+                      --layers "$LAYERS122" --tensor-parallel-size 2 --batch 1,16 --output-len 128 \
+                      --max-num-seqs 16 --output "$LOGS/tp-offline122b.json" ;;
+    pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
+          for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;
+    layer) run layer35 python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$LOGS/layer35.json"
+           run layer122 python3 -m deltaserve.cli bench layer --preset qwen3.5-122b-a10b --layers 36 --output "$LOGS/layer122.json" ;;
     offline9b) run offline9b python3 -m deltaserve.cli bench offline --preset qwen3.5-9b --batch 1,2,4,8,16 --output-len 128 \
-                 --max-num-seqs 16 --output "$OUT/offline9b.json" ;;
+                 --max-num-seqs 16 --output "$LOGS/offline9b.json" ;;
     offline35b) run offline35b python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
-                  --batch 1,2,4,8,16 --output-len 128 --max-num-seqs 16 --output "$OUT/offline35b.json" ;;
+                  --batch 1,2,4,8,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/offline35b.json" ;;
     offline35b-compile) run offline35b-compile python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
-                  --compile --batch ${BATCH:-1,4,16} --output-len 64 --max-num-seqs 16 --output "$OUT/offline35b-compile.json" ;;
+                  --compile --batch ${BATCH:-1,4,16} --output-len 64 --max-num-seqs 16 --output "$LOGS/offline35b-compile.json" ;;
     offline9b-compile) run offline9b-compile python3 -m deltaserve.cli bench offline --preset qwen3.5-9b --compile \
-                  --batch ${BATCH:-1,4,16} --output-len 64 --max-num-seqs 16 --output "$OUT/offline9b-compile.json" ;;
+                  --batch ${BATCH:-1,4,16} --output-len 64 --max-num-seqs 16 --output "$LOGS/offline9b-compile.json" ;;
     engine-fix) run engine-fix python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
                   tests/test_engine_gpu.py -k "moe_and_next or transformers" ;;
     *) echo "unknown stage $stage" ;;

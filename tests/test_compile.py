@@ -54,3 +54,18 @@ def test_string_layer_argument_recompiles_every_layer(tmp_path):
     n, err = _graphs(deep, "string")
     assert n == 2 * 12  # every layer, for prefill and again for decode
     assert err < 1e-6
+
+
+def test_layer_arg_option_reaches_the_layers(tmp_path):
+    """``layer_arg="string"`` (the flag `bench startup --layer-arg string` uses) builds name-arg layers;
+    the default mode is restored afterwards, so later engines get opaque handles again."""
+    from deltaserve import LLM, SamplingParams
+
+    tiny = make_model("tiny", tmp_path / "m", layers=4, dtype="float32")
+    llm = LLM(str(tiny), max_num_seqs=2, layer_arg="string")
+    gdn = llm.engine.runner.model.gdn_layers()[0]
+    assert isinstance(gdn.layer, str)
+    assert llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))[0].token_ids
+    if layer_ref.HAS_OPAQUE:
+        again = LLM(str(tiny), max_num_seqs=2)
+        assert isinstance(again.engine.runner.model.gdn_layers()[0].layer, layer_ref.LayerRef)

@@ -23,6 +23,7 @@ from deltaserve.engine.state_cache import StateCache, state_bytes_per_slot
 from deltaserve.errors import ConfigError
 from deltaserve.forward_context import forward_batch
 from deltaserve.layers.inproj import InProjPlan
+from deltaserve.layers.layer_ref import layer_arg_mode
 from deltaserve.layers.sampler import Sampler, SampleResult, SampleRow
 from deltaserve.models.loader import load_model
 
@@ -40,7 +41,8 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         t0 = time.perf_counter()
         self.plan = InProjPlan(cfg.inproj if on_gpu or cfg.inproj != "auto" else "fused")
-        self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
+        with layer_arg_mode(cfg.layer_arg):
+            self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

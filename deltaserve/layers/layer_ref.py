@@ -10,10 +10,11 @@ recompiles, once per layer -- kept so a test can demonstrate the difference.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -80,6 +81,18 @@ def set_layer_arg(mode: str) -> None:
     if mode == "opaque" and not HAS_OPAQUE:
         raise ValueError(f"torch {torch.__version__} has no opaque objects: use 'string'")
     _MODE = mode
+
+
+@contextlib.contextmanager
+def layer_arg_mode(mode: str) -> Iterator[None]:
+    """Build layers under ``mode`` (``"auto"``: the default), then restore the previous mode."""
+    previous = _MODE
+    if mode != "auto":
+        set_layer_arg(mode)
+    try:
+        yield
+    finally:
+        set_layer_arg(previous)
 
 
 def layer_arg(module: nn.Module, prefix: str, sizes: dict[str, int]) -> LayerRef | str:

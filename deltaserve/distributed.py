@@ -6,6 +6,8 @@ layers are written TP-aware from day one at no cost to single-GPU runs.
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ class TPGroup:
 
 
 _TP = TPGroup()
+logger = logging.getLogger(__name__)
 
 
 def tp_rank() -> int:
@@ -49,9 +52,17 @@ def init_tp(rank: int, size: int, port: int, device: str) -> None:
     set_tp(rank, size, dist.group.WORLD, control)
 
 
-def shutdown_tp() -> None:
+def shutdown_tp(timeout: float = 30.0) -> None:
+    """Destroy the TP process groups. Every rank calls this at about the same time: NCCL's destroy is
+    collective (a rank that destroys alone waits for its peers). If it has not returned within
+    ``timeout`` seconds -- a peer died -- the groups are abandoned with a warning instead of hanging."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        done = threading.Thread(target=dist.destroy_process_group, name="deltaserve-tp-destroy", daemon=True)
+        done.start()
+        done.join(timeout)
+        if done.is_alive():
+            logger.warning("tensor-parallel process group not destroyed within %.0f s (a peer is gone); "
+                           "abandoning it", timeout)
     set_tp(0, 1)
 
 

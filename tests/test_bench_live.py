@@ -91,6 +91,11 @@ class TestOneServer:
         assert bench("ttft", "--url", url, "--warmups", "2", "--requests", "6", "--output", str(out)) == 0
         report = json.loads(out.read_text())
         s = report["summary"]
+        short = s["prompt_tokens_mean"]
+        longer = tmp_path / "long.json"
+        assert bench("ttft", "--url", url, "--warmups", "0", "--requests", "2", "--output", str(longer),
+                     "--prompt-template", "Name one fact about the {} and say why it matters to its herd.") == 0
+        assert json.loads(longer.read_text())["summary"]["prompt_tokens_mean"] > short > 0
         assert (s["n"], s["failed"], len(report["requests"])) == (6, 0, 6)
         assert 0 < s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
         assert s["stddev_ms"] >= 0

@@ -55,12 +55,21 @@ def test_tiny_moe_and_next_gpu_match_cpu(tmp_path, kind):
     hf.save_pretrained(tmp_path)
     ids = list(range(3, 90))
     _, ref = Runner(load_model(tmp_path, dtype=torch.float32)).prefill(ids)
-    # fp32 on the GPU runs every GPU kernel with the CPU's routing decisions: a tight check of the kernels.
+    # fla's chunked GDN prefill multiplies fp32 inputs in TF32 (its tl.dot default; ~1e-3 per product),
+    # which these large random weights amplify (3.0-3.2e-2 measured on an H100). With the reference
+    # prefill in its place every other GPU kernel (ours use IEEE fp32 dots) must match tightly.
+    import deltaserve.ops.gdn_prefill as gdn_prefill_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gdn_prefill_mod, "gdn_prefill", gdn_prefill_mod.gdn_prefill_ref)
+        _, exact = Runner(load_model(tmp_path, dtype=torch.float32, device="cuda")).prefill(ids)
     _, fp32 = Runner(load_model(tmp_path, dtype=torch.float32, device="cuda")).prefill(ids)
     # bf16 can flip near-tied top-k routing decisions of these large random weights: a loose check only.
     _, bf16 = Runner(load_model(tmp_path, dtype=torch.bfloat16, device="cuda")).prefill(ids)
-    print(f"\n[{kind}] prefill logits rel err: GPU fp32 {_rel(fp32, ref):.2e}, GPU bf16 {_rel(bf16, ref):.2e}")
-    assert _rel(fp32, ref) < 1e-3
+    print(f"\n[{kind}] prefill logits rel err: GPU fp32 (reference GDN prefill) {_rel(exact, ref):.2e}, "
+          f"GPU fp32 (fla, TF32) {_rel(fp32, ref):.2e}, GPU bf16 {_rel(bf16, ref):.2e}")
+    assert _rel(exact, ref) < 1e-3
+    assert _rel(fp32, ref) < 6e-2
     assert _rel(bf16, ref) < 0.2
 
 

@@ -61,6 +61,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="with --preset: override the layer count")
     p.add_argument("--batch", type=int, default=1, help="decoding requests in the profiled steps")
     p.add_argument("--steps", type=int, default=5, help="decode steps profiled")
+    p.add_argument("--top", type=int, default=30, help="list this many kernels (by total time) by name")
     p.add_argument("--output", default=None, help="write the breakdown as JSON here")
 
 
@@ -92,13 +93,18 @@ def main(args: argparse.Namespace) -> int:
             torch.cuda.synchronize()
     times: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # kernel name -> [count, us], all steps
     for e in prof.events():
         if on_gpu and e.device_type.name == "CUDA":
-            times[classify(e.name)] += e.device_time / args.steps
-            counts[classify(e.name)] += 1
+            us = e.device_time
         elif not on_gpu and _top_level_op(e):
-            times[classify(e.name)] += e.cpu_time_total / args.steps
-            counts[classify(e.name)] += 1
+            us = e.cpu_time_total
+        else:
+            continue
+        times[classify(e.name)] += us / args.steps
+        counts[classify(e.name)] += 1
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += us
     for req_id in list(engine.requests):
         engine.abort(req_id)
     mc, dt = engine.model_config, engine.runner.dtype.itemsize
@@ -120,7 +126,14 @@ def main(args: argparse.Namespace) -> int:
         bw = f"{nb / (t * 1e-6) / 1e9:7.0f}" if nb and t else "      -"
         gb = f"{nb / 1e9:8.3f}" if nb else "       -"
         print(f"{cls:<24} {counts[cls] / args.steps:>12.1f} {t:>9.1f} {100 * t / total:>5.1f}% {gb} {bw}")
+    top = sorted(by_name.items(), key=lambda kv: kv[1][1], reverse=True)[: args.top]
+    kernels = [{"name": name, "class": classify(name), "per_step": n / args.steps, "us_per_step": us / args.steps,
+                "us_each": us / n} for name, (n, us) in top]
+    print(f"\ntop {len(kernels)} kernels by time: per step, us per step, us each")
+    for k in kernels:
+        print(f"{k['per_step']:>6.1f} {k['us_per_step']:>9.1f} {k['us_each']:>7.2f}  {k['name'][:110]}")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"environment": env, "batch": args.batch, "rows": rows, "kernel_us_per_step": total}, f, indent=2)
+            json.dump({"environment": env, "batch": args.batch, "rows": rows, "kernel_us_per_step": total,
+                       "kernels": kernels}, f, indent=2)
     return 0

@@ -29,15 +29,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmups", type=int, default=5, help="requests sent first and discarded")
     p.add_argument("--requests", type=int, default=30, help="measured requests")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--prompt-template", default=SHORT_TEMPLATE,
+                   help="prompt with one {} (an animal, so every prompt is unique); longer text, longer prompts")
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--api-key", default=None)
     p.add_argument("--output", default=None, help="write the samples and the summary as JSON here")
 
 
 async def measure(url: str, model: str | None, warmups: int, requests: int, max_tokens: int,
-                  timeout: float = 120.0, api_key: str | None = None) -> tuple[str, list[RequestResult]]:
+                  timeout: float = 120.0, api_key: str | None = None,
+                  template: str = SHORT_TEMPLATE) -> tuple[str, list[RequestResult]]:
     """(model, the measured requests' results); warm-ups are not returned."""
-    source = PromptSource("animals", template=SHORT_TEMPLATE)
+    source = PromptSource("animals", template=template)
     results = []
     async with make_session(timeout, api_key) as session:
         model = model or await first_model(session, url)
@@ -51,7 +54,9 @@ async def measure(url: str, model: str | None, warmups: int, requests: int, max_
 def summary(results: list[RequestResult]) -> dict:
     ttft = [1e3 * r.ttft_s for r in results if r.ok]
     s = stats.summarize(ttft)
-    return {"n": len(ttft), "failed": sum(not r.ok for r in results), "p50_ms": s["median"], "p90_ms": s["p90"],
+    prompt_tokens = [r.prompt_tokens for r in results if r.ok and r.prompt_tokens]
+    return {"n": len(ttft), "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens) if prompt_tokens else None,
+            "failed": sum(not r.ok for r in results), "p50_ms": s["median"], "p90_ms": s["p90"],
             "p99_ms": s["p99"], "mean_ms": s["mean"], "stddev_ms": s["std"], "ci_low_ms": s["ci_low"],
             "ci_high_ms": s["ci_high"], "min_ms": s["min"], "max_ms": s["max"],
             "errors": [r.error for r in results if not r.ok]}
@@ -63,8 +68,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     url = args.url.rstrip("/")
     try:
+        if args.prompt_template.count("{}") != 1:
+            print("error: --prompt-template must contain exactly one {}", file=sys.stderr)
+            return 2
         model, results = asyncio.run(measure(url, args.model, args.warmups, args.requests, args.max_tokens,
-                                             args.request_timeout, args.api_key))
+                                             args.request_timeout, args.api_key, args.prompt_template))
     except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as e:
         print(f"error: {url}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -72,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
     env = environment()
     print(format_environment(env))
     print(f"server {url}, model {model}: {args.warmups} warm-up + {args.requests} sequential streamed requests, "
-          f"max_tokens {args.max_tokens}")
+          f"max_tokens {args.max_tokens}, prompt tokens (chat template included) "
+          f"{num(s['prompt_tokens_mean'], 1) if s['prompt_tokens_mean'] else 'n/a'}")
     n = s["n"]
     print(text_table(["samples", "failed", "p50 ms", "p90 ms", "p99 ms", "stddev ms", "mean ms (95% CI)"],
                      [[str(n), str(s["failed"]), with_n(s["p50_ms"], n, 2), with_n(s["p90_ms"], n, 2),

@@ -147,13 +147,16 @@ class TPExecutor:
         self._closed = True
         from deltaserve.distributed import broadcast_object, shutdown_tp
 
+        alive = all(w.is_alive() for w in self.workers)
         try:
-            if all(w.is_alive() for w in self.workers):
-                broadcast_object(None)
+            if alive:
+                broadcast_object(None)  # the workers leave their loop and destroy the group too
         except Exception:  # a dead peer: nothing to tell
-            pass
+            alive = False
+        # Destroy alongside the workers (NCCL's destroy is collective), then reap them. With a peer
+        # gone there is nobody to destroy with: the group is abandoned after a short wait.
+        shutdown_tp(timeout=30.0 if alive else 1.0)
         for w in self.workers:
             w.join(timeout=10)
             if w.is_alive():
                 w.kill()
-        shutdown_tp()

@@ -51,6 +51,20 @@ for stage in "$@"; do
     tp-offline122b) run tp-offline122b python3 -m deltaserve.cli bench offline --preset qwen3.5-122b-a10b \
                       --layers "$LAYERS122" --tensor-parallel-size 2 --batch 1,16 --output-len 128 \
                       --max-num-seqs 16 --output "$LOGS/tp-offline122b.json" ;;
+    cfg35) run cfg35 python3 -m deltaserve.cli make-model --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
+             --no-weights --out /tmp/m35cfg ;;
+    ab-serial|ab-dual)  # <strategy> vs fused through live servers, interleaved trials, CIs + equivalence
+      run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35cfg --a "--load-format dummy --inproj ${stage#ab-}" \
+        --b "--load-format dummy --inproj fused" --trials ${TRIALS:-2} --concurrency 1,2,4,8,16 --max-tokens 128 \
+        --repeats 2 --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 --output "$LOGS/$stage" ;;
+    startup35b) run startup35b python3 -m deltaserve.cli bench startup /tmp/m35cfg --load-format dummy --cold --runs 1 \
+                  --output "$LOGS/startup35b.json" ;;
+    ttft35b)  # one server, 30 sequential streamed requests of ~30-token prompts (chat template included)
+      python3 -m deltaserve.cli serve /tmp/m35cfg --load-format dummy --port 8123 > "$LOGS/ttft-server.log" 2>&1 &
+      spid=$!
+      for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health')" 2>/dev/null && break; sleep 0.5; done
+      run ttft35b python3 -m deltaserve.cli bench ttft --url http://127.0.0.1:8123 --output "$LOGS/ttft35b.json"
+      kill -TERM $spid; wait $spid ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;
     layer) run layer35 python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$LOGS/layer35.json"

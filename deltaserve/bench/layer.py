@@ -1,8 +1,9 @@
 """``bench layer``: the GDN in_proj micro-benchmark (serial / dual / fused per token count).
 
 Builds ``--layers`` GDN layers at a preset's real shapes with distinct random weights, and times each
-strategy over all of them inside one CUDA graph (``layers/inproj_tune.py``). The floor is the bytes one
-layer's projection must move (its weight, the input and the outputs) at the copy bandwidth of this card.
+strategy over all of them inside one CUDA graph (``layers/inproj_tune.py``); ``gemv`` is the fused GEMM
+computed by our skinny-GEMM kernel (M <= 16). The floor is the bytes one layer's projection must move
+(its weight, the input and the outputs) at the copy bandwidth of this card.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def build_layers(preset: str, n: int, dtype: torch.dtype) -> list:
 
 def main(args: argparse.Namespace) -> int:
     from deltaserve.errors import ConfigError
-    from deltaserve.layers.inproj_tune import CONCRETE, time_inproj
+    from deltaserve.layers.inproj_tune import CONCRETE, GEMV_MAX_TOKENS, time_inproj
 
     if not torch.cuda.is_available():
         raise ConfigError("bench layer times CUDA graphs and needs a CUDA device; none is visible")
@@ -58,16 +59,19 @@ def main(args: argparse.Namespace) -> int:
     for m in [int(x) for x in args.m.split(",")]:
         floor_bytes = w.numel() * w.element_size() + m * (w.shape[1] + w.shape[0]) * w.element_size()
         floor_us = floor_bytes / bw * 1e6
-        t = {s: time_inproj(layers, m, s, args.replays) for s in CONCRETE}
+        t = {s: time_inproj(layers, m, s, args.replays) for s in CONCRETE if s != "fused_gemv" or m <= GEMV_MAX_TOKENS}
         rows.append({"m": m, **t, "floor_us": floor_us, "bytes": floor_bytes})
     env = environment()
     print(format_environment(env))
     print(f"preset {args.preset}: in_proj {tuple(w.shape)} {args.dtype}, {args.layers} distinct layers per graph; "
           f"copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(f"{'M':>6} {'serial':>8} {'dual':>8} {'fused':>8} {'floor':>7}  fused/floor  fused/serial")
+    print(f"{'M':>6} {'serial':>8} {'dual':>8} {'fused':>8} {'gemv':>8} {'floor':>7}  best-fused/floor  fused/serial")
     for r in rows:
-        print(f"{r['m']:>6} {r['serial']:>8.2f} {r['dual']:>8.2f} {r['fused']:>8.2f} {r['floor_us']:>7.2f}  "
-              f"{r['fused'] / r['floor_us']:>11.2f}  {r['fused'] / r['serial']:>12.3f}")
+        gemv = r.get("fused_gemv")
+        best = min(r["fused"], gemv or r["fused"])
+        print(f"{r['m']:>6} {r['serial']:>8.2f} {r['dual']:>8.2f} {r['fused']:>8.2f} "
+              f"{f'{gemv:8.2f}' if gemv else '       -'} {r['floor_us']:>7.2f}  "
+              f"{best / r['floor_us']:>16.2f}  {r['fused'] / r['serial']:>12.3f}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"environment": env, "preset": args.preset, "copy_bandwidth": bw, "results": rows}, f, indent=2)

@@ -8,8 +8,10 @@ cost and compute the same function by construction:
 * ``dual``:   the same two GEMMs, the small ``ba`` one on a process-wide auxiliary CUDA stream,
   fenced by two events per layer (``deltaserve::gdn_in_proj``, a custom op so compile sees one node);
 * ``fused``:  one GEMM over the whole ``W``, then a split;
-* ``auto``:   per token-count bucket, whichever of the three measured fastest at start-up
-  (:func:`deltaserve.layers.inproj_tune.tune_inproj`); on the CPU it is ``fused``.
+* ``auto``:   per token-count bucket, whichever measured fastest at start-up
+  (:func:`deltaserve.layers.inproj_tune.tune_inproj`); on the CPU it is ``fused``. On CUDA ``auto``
+  also times ``fused_gemv`` for buckets of at most 16 tokens: the same single GEMM computed by our
+  skinny-GEMM kernel (``ops/skinny_gemm.py``) instead of cuBLAS.
 """
 
 from __future__ import annotations
@@ -21,7 +23,20 @@ import torch.nn.functional as F
 
 from deltaserve.layers.layer_ref import LayerRef, define_layer_op, layer_op
 
-STRATEGIES = ("serial", "dual", "fused", "auto")
+STRATEGIES = ("serial", "dual", "fused", "auto")  # what a user may ask for
+FUSED_GEMV = "fused_gemv"  # fused, by the skinny-GEMM kernel: only ``auto`` picks it, for <= 16 tokens
+
+
+@torch.library.custom_op("deltaserve::skinny_linear", mutates_args=())
+def skinny_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from deltaserve.ops.skinny_gemm import skinny_linear
+
+    return skinny_linear(x, weight)
+
+
+@skinny_linear_op.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 _aux_stream: torch.cuda.Stream | None = None
 
@@ -84,7 +99,10 @@ class InProjPlan:
 
 def project(x: torch.Tensor, weight: torch.Tensor, qkvz_size: int, strategy: str, arg) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [T, H]`` -> ``(qkvz [T, 2k+2v], ba [T, 2Hv])`` using ``strategy``."""
-    if strategy == "fused":
+    if strategy == FUSED_GEMV and x.is_cuda and x.shape[0] <= 16:
+        y = torch.ops.deltaserve.skinny_linear(x, weight)  # the same one GEMM, by our decode kernel
+        return y[:, :qkvz_size], y[:, qkvz_size:]
+    if strategy in ("fused", FUSED_GEMV):
         y = F.linear(x, weight)  # [T, 2k+2v+2Hv]: one GEMM
         return y[:, :qkvz_size], y[:, qkvz_size:]
     if strategy == "serial":

@@ -11,12 +11,13 @@ import logging
 
 import torch
 
-from deltaserve.layers.inproj import InProjPlan, project
+from deltaserve.layers.inproj import FUSED_GEMV, InProjPlan, project
 
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-CONCRETE = ("serial", "dual", "fused")
+CONCRETE = ("serial", "dual", "fused", FUSED_GEMV)
+GEMV_MAX_TOKENS = 16  # the skinny-GEMM kernel's limit
 
 
 @torch.inference_mode()
@@ -59,9 +60,10 @@ def tune_inproj(model, plan: InProjPlan, max_tokens: int) -> dict[int, dict[str,
     for m in BUCKETS:
         if m > max(max_tokens, 1) and results:
             break
-        results[m] = {s: time_inproj(layers, m, s) for s in CONCRETE}
+        results[m] = {s: time_inproj(layers, m, s) for s in CONCRETE if s != FUSED_GEMV or m <= GEMV_MAX_TOKENS}
     plan.set_table({m: min(t, key=t.get) for m, t in results.items()})
-    lines = [f"{m:>6} " + " ".join(f"{t[s]:8.2f}" for s in CONCRETE) + f"  -> {min(t, key=t.get)}"
-             for m, t in results.items()]
-    logger.info("inproj=auto (us per layer, CUDA graphs)\n tokens   serial     dual    fused\n%s", "\n".join(lines))
+    lines = [f"{m:>6} " + " ".join(f"{t[s]:8.2f}" if s in t else "       -" for s in CONCRETE)
+             + f"  -> {min(t, key=t.get)}" for m, t in results.items()]
+    logger.info("inproj=auto (us per layer, CUDA graphs)\n tokens   serial     dual    fused  fused_gemv\n%s",
+                "\n".join(lines))
     return results

@@ -1,0 +1,92 @@
+"""Skinny-GEMM tiles against cuBLAS on the decode shapes that matter (GPU only).
+
+For each weight shape, 24 distinct weights (so none stays in L2) are multiplied by an M-row input
+inside one CUDA graph; µs per weight is the median replay over 24. Prints cuBLAS, the default
+skinny config and the best of a small grid, each with its GB/s and its ratio to the bandwidth floor
+(weight bytes / measured copy bandwidth).
+
+    python scripts/bench_gemv.py [--m 1,4,16] [--output gemv.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from deltaserve.bench.roofline import measure_copy_bandwidth
+from deltaserve.ops.skinny_gemm import DEFAULT, GemvConfig, skinny_linear
+
+SHAPES = {  # name: (N, K)
+    "35B-A3B GDN in_proj": (12352, 2048),
+    "35B-A3B GDN out_proj": (2048, 4096),
+    "9B GDN in_proj": (12352, 4096),
+    "9B GDN out_proj": (4096, 4096),
+    "122B-A10B GDN in_proj": (20608, 3072),
+}
+GRID = [GemvConfig(bn, bk, w, s) for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5))]
+GRID += [GemvConfig(64, bk, 8, 4) for bk in (128, 256)]
+
+
+def time_us(fn, weights, x, replays: int = 24) -> float:
+    def run():
+        for w in weights:
+            fn(x, w)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(weights))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--m", default="1,4,16")
+    p.add_argument("--output", default=None)
+    args = p.parse_args()
+    bw = measure_copy_bandwidth(torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s")
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
+        floor_us = n * k * 2 / bw * 1e6
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cublas = time_us(F.linear, weights, x)
+            default = time_us(lambda a, w: skinny_linear(a, w, DEFAULT), weights, x)
+            tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in GRID}
+            best = min(tried, key=tried.get)
+            row = {"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,
+                   "default_us": default, "best_us": tried[best], "best_config": dataclasses.asdict(best)}
+            rows.append(row)
+            print(f"{name:<24} M={m:<3} floor {floor_us:6.2f}  cuBLAS {cublas:6.2f} ({cublas / floor_us:.2f}x)  "
+                  f"skinny default {default:6.2f} ({default / floor_us:.2f}x)  best {tried[best]:6.2f} "
+                  f"({tried[best] / floor_us:.2f}x) {best}")
+        del weights
+        torch.cuda.empty_cache()
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from deltaserve.bench.roofline import measure_copy_bandwidth
+from deltaserve.layers.inproj_tune import time_graph
 from deltaserve.ops.skinny_gemm import DEFAULT, GemvConfig, skinny_linear
 
 SHAPES = {  # name: (N, K)
@@ -37,25 +38,7 @@ def time_us(fn, weights, x, replays: int = 24) -> float:
         for w in weights:
             fn(x, w)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(weights))
-    return sorted(times)[len(times) // 2]
+    return time_graph(run, len(weights), replays)
 
 
 def main() -> None:

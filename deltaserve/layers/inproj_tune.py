@@ -20,19 +20,12 @@ CONCRETE = ("serial", "dual", "fused", FUSED_GEMV)
 GEMV_MAX_TOKENS = 16  # the skinny-GEMM kernel's limit
 
 
-@torch.inference_mode()
-def time_inproj(layers: list, m: int, strategy: str, replays: int = 20) -> float:
-    """Median microseconds per layer for ``m`` tokens through every layer's in_proj."""
-    w = layers[0].in_proj.weight
-    x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
-
-    def run() -> None:
-        for layer in layers:
-            project(x, layer.in_proj.weight, layer.qkvz_size, strategy, layer.layer)
-
+def time_graph(run, per: int = 1, replays: int = 20) -> float:
+    """Capture ``run()`` in one CUDA graph (after two warm-up calls off the capture) and return the
+    median replay time in microseconds divided by ``per``."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (cuBLAS handles, the aux stream) off the capture
+    with torch.cuda.stream(stream):  # warm-up (cuBLAS handles, the aux stream, Triton compiles)
         run()
         run()
     torch.cuda.current_stream().wait_stream(stream)
@@ -48,9 +41,22 @@ def time_inproj(layers: list, m: int, strategy: str, replays: int = 20) -> float
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(layers))
+        times.append(start.elapsed_time(end) * 1e3 / per)
     del graph
     return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def time_inproj(layers: list, m: int, strategy: str, replays: int = 20) -> float:
+    """Median microseconds per layer for ``m`` tokens through every layer's in_proj."""
+    w = layers[0].in_proj.weight
+    x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
+
+    def run() -> None:
+        for layer in layers:
+            project(x, layer.in_proj.weight, layer.qkvz_size, strategy, layer.layer)
+
+    return time_graph(run, len(layers), replays)
 
 
 def tune_inproj(model, plan: InProjPlan, max_tokens: int) -> dict[int, dict[str, float]]:

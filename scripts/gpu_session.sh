@@ -65,6 +65,7 @@ for stage in "$@"; do
       for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health')" 2>/dev/null && break; sleep 0.5; done
       run ttft35b python3 -m deltaserve.cli bench ttft --url http://127.0.0.1:8123 --output "$LOGS/ttft35b.json"
       kill -TERM $spid; wait $spid ;;
+    gdn-vs-fla) run gdn-vs-fla python3 scripts/bench_gdn_decode.py --output "$LOGS/gdn-vs-fla.json" ;;
     gemv) run gemv python3 scripts/bench_gemv.py --output "$LOGS/gemv.json" ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;

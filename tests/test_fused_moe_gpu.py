@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from deltaserve.ops import fused_moe_triton as fmt
-from deltaserve.ops.fused_moe import fused_moe, fused_moe_ref, moe_route
+from deltaserve.ops.fused_moe import fused_moe, fused_moe_ref
+from deltaserve.ops.moe_router import moe_route
 from tests.test_fused_moe import check_alignment
 
 pytestmark = pytest.mark.gpu

@@ -15,7 +15,8 @@ TINY_TEXT = dict(
     linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=512, rms_norm_eps=1e-6,
     layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
 )
-TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+# The shared expert as wide as a routed one, as in every release: it is folded in as expert E.
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 
 
 def randomize_(hf_model, seed: int = 0) -> None:

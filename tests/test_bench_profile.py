@@ -15,6 +15,10 @@ def test_classes_of_known_kernel_names():
     assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm (linear layers)"
     assert classify("_paged_decode_kernel") == "attention"
     assert classify("_w13_silu_kernel") == "moe experts"
+    assert classify("_gemv_w2_kernel") == "moe experts"
+    assert classify("deltaserve::moe_experts") == "moe experts"
+    assert classify("_router_kernel") == "routing + sampling"
+    assert classify("deltaserve::moe_router") == "routing + sampling"
     assert classify("_rms_norm_kernel") == "norms + activation"
     assert classify("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise + copies"
 

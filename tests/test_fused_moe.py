@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from deltaserve.ops import fused_moe_triton as fmt
-from deltaserve.ops.fused_moe import fused_moe, fused_moe_ref, moe_route
+from deltaserve.ops.fused_moe import fused_moe, fused_moe_ref
+from deltaserve.ops.moe_router import moe_route, moe_router_ref
 from tests.conftest import needs_triton
 
 H, E = 64, 8
@@ -60,34 +61,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- routing and reference
-
-
-@pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("logit_dtype", [torch.float32, torch.bfloat16])
-def test_moe_route_matches_per_row_sort(renormalize, logit_dtype):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(13, 10, generator=g).to(logit_dtype)
-    weights, ids = moe_route(logits, 3, renormalize)
-    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
-    for t in range(13):
-        p = torch.exp(logits[t].double()) / torch.exp(logits[t].double()).sum()  # fp64 softmax
-        order = sorted(range(10), key=lambda e: -p[e].item())[:3]
-        expect = p[order] / (p[order].sum() if renormalize else 1.0)
-        assert ids[t].tolist() == order
-        torch.testing.assert_close(weights[t].double(), expect, rtol=1e-5, atol=1e-7)
-
-
-def test_moe_route_ties_follow_torch_topk():
-    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
-    weights, ids = moe_route(logits, 2, renormalize=False)
-    expect = torch.topk(torch.softmax(logits, -1), 2, dim=-1)
-    assert ids.tolist() == expect.indices.tolist()
-    torch.testing.assert_close(weights, expect.values)
-
-
-def test_moe_route_rejects_bad_top_k():
-    with pytest.raises(ValueError, match="top_k"):
-        moe_route(torch.randn(2, 4), 5, True)
 
 
 def naive_moe(x, w13, w2, topk_weights, topk_ids):
@@ -248,6 +221,37 @@ def test_torch_alignment_path(monkeypatch, kernel_device, poisoned_workspaces):
     """Prefill-sized M switches the alignment to torch ops; force that switch at a small M."""
     monkeypatch.setattr(fmt, "ALIGN_TRITON_MAX_PAIRS", 0)
     assert run_triton_vs_ref(17, 3, 48, torch.float32, kernel_device, never=(4,)) < 1e-4
+
+
+def swiglu_ref(x, w13_e, w2_e):
+    """One expert (or the shared expert) in fp64: ``down(silu(gate x) · up x)``."""
+    I = w2_e.shape[1]
+    gu = x.double() @ w13_e.double().t()
+    return (F.silu(gu[:, :I]) * gu[:, I:]) @ w2_e.double().t()
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [GEMV, SMALL, "reference"], ids=["gemv", "sorted", "reference"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_folded_shared_expert_is_routed_plus_gated_shared(T, config, kernel_device, poisoned_workspaces):
+    """Expert E holds the shared expert and every token's slot k routes to it with weight sigmoid(x·g):
+    one fused_moe call computes routed + sigmoid(x·g) · shared(x) (the HF block)."""
+    k = 2
+    w13, w2 = make_weights(32, torch.float32, "cpu", seed=T, E=E + 1)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=g)
+    w_gate, w_shared_gate = torch.randn(E, H, generator=g) * 0.3, torch.randn(1, H, generator=g) * 0.3
+    weights, ids = moe_router_ref(x, w_gate, k, True, w_shared_gate)  # [T, k + 1]
+    assert (ids[:, k] == E).all()
+    routed = naive_moe(x, w13[:E], w2[:E], weights[:, :k], ids[:, :k])
+    shared = torch.sigmoid(x.double() @ w_shared_gate.double().t()) * swiglu_ref(x, w13[E], w2[E])
+    if config == "reference":
+        out = fused_moe(x, w13, w2, weights, ids)
+    else:
+        dev = kernel_device
+        out = fused_moe(x.to(dev), w13.to(dev), w2.to(dev), weights.to(dev), ids.to(dev), force_triton=True,
+                        config=config)
+    assert rel_err(out.cpu(), routed + shared) < 1e-5
 
 
 @needs_triton

@@ -1,6 +1,7 @@
 """Routed-expert MoE on a GPU at the real shapes: accuracy against the fp32 reference, the alignment at
-full expert counts, CUDA-graph capture with routing that changes between replays, and a timing table
-against the bytes of the touched experts (run with ``-s`` to see it).
+full expert counts, CUDA-graph capture with routing that changes between replays, the one-launch router
+and the folded shared expert against their references, and a timing table against the bytes of the
+touched experts (run with ``-s`` to see it; scripts/bench_moe.py times the whole block).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from deltaserve.ops import fused_moe_triton as fmt
-from deltaserve.ops.fused_moe import fused_moe, fused_moe_ref, moe_route
+from deltaserve.ops.fused_moe import fused_moe, fused_moe_ref
+from deltaserve.ops.moe_router import moe_route, moe_router, moe_router_ref
 from tests.test_fused_moe import check_alignment
 
 pytestmark = pytest.mark.gpu
@@ -86,6 +88,19 @@ def test_both_paths_at_decode_sizes(path, T):
     assert rel_err(out, fused_moe_ref(x, w13, w2, topk_weights, topk_ids)) < 1e-2
 
 
+def capture(fn):
+    """Run ``fn`` once on a side stream (compiles, allocates), then capture it: ``(graph, its outputs)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @pytest.mark.parametrize(
     "name,T",
     [
@@ -98,14 +113,7 @@ def test_both_paths_at_decode_sizes(path, T):
 def test_cuda_graph_replay_follows_new_routing(name, T):
     w13, w2 = weights(name)
     x, topk_weights, topk_ids = routed_inputs(name, T, seed=0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fused_moe(x, w13, w2, topk_weights, topk_ids)  # compile before capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fused_moe(x, w13, w2, topk_weights, topk_ids)
+    graph, out = capture(lambda: fused_moe(x, w13, w2, topk_weights, topk_ids))
     for seed in (1, 2, 3):
         new_x, new_w, new_ids = routed_inputs(name, T, seed=seed)
         x.copy_(new_x)
@@ -116,6 +124,94 @@ def test_cuda_graph_replay_follows_new_routing(name, T):
         ref = fused_moe_ref(new_x, w13, w2, new_w, new_ids)
         assert rel_err(out, ref) < 1e-2
         assert torch.equal(out, fused_moe(new_x, w13, w2, new_w, new_ids))  # deterministic
+
+
+# --------------------------------------------------------------------------- router, folded shared expert
+
+
+def router_inputs(name: str, T: int, seed: int):
+    H, E, _, _ = SHAPES[name]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(T, H, device="cuda", generator=g).bfloat16()
+    w_gate = (torch.randn(E, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    w_shared_gate = (torch.randn(1, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    return x, w_gate, w_shared_gate
+
+
+def assert_same_routing(got, ref, x, w_gate, k: int) -> None:
+    """Same experts per token and weights within 1e-5, except where the k-th and (k+1)-th logits are
+    so close (< 1e-4) that the kernel's and cuBLAS's fp32 summation orders may pick differently."""
+    (w, ids), (ref_w, ref_ids) = got, ref
+    ids_s, order = ids[:, :k].sort(1)
+    ref_s, ref_order = ref_ids[:, :k].sort(1)
+    same = (ids_s == ref_s).all(1)
+    top = (x.float() @ w_gate.float().t()).topk(k + 1, dim=1).values
+    near_tie = (top[:, k - 1] - top[:, k]).abs() < 1e-4
+    assert (same | near_tie).all(), f"{int((~same & ~near_tie).sum())} tokens routed differently"
+    assert int((~same).sum()) <= max(1, len(same) // 100)
+    torch.testing.assert_close(w[:, :k].gather(1, order)[same], ref_w[:, :k].gather(1, ref_order)[same],
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w[:, k:], ref_w[:, k:], rtol=1e-5, atol=1e-6)  # the shared slot, if any
+    assert torch.equal(ids[:, k:], ref_ids[:, k:])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 65, 1000, 8192])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_router_matches_reference(name, T, shared):
+    _, E, k, _ = SHAPES[name]
+    x, w_gate, w_shared_gate = router_inputs(name, T, seed=T)
+    w_sg = w_shared_gate if shared else None
+    got = moe_router(x, w_gate, k, True, w_sg)
+    assert got[0].shape == got[1].shape == (T, k + shared)
+    assert_same_routing(got, moe_router_ref(x, w_gate, k, True, w_sg), x, w_gate, k)
+
+
+@pytest.mark.parametrize("T", [1, 4, 8, 64])
+def test_folded_shared_expert_matches_separate_shared_swiglu(T):
+    """Expert E = the shared expert, slot k = its sigmoid gate: fused_moe == routed + gated shared."""
+    name = "qwen3.5-35b-a3b"
+    H, E, k, I = SHAPES[name]
+    w13, w2 = weights(name)
+    x, w_gate, w_shared_gate = router_inputs(name, T, seed=T)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shared13 = (torch.randn(1, 2 * I, H, device="cuda", generator=g) * H**-0.5).bfloat16()
+    shared2 = (torch.randn(1, H, I, device="cuda", generator=g) * I**-0.5).bfloat16()
+    w13f, w2f = torch.cat([w13, shared13]), torch.cat([w2, shared2])  # [E + 1, ...]
+    topk_weights, topk_ids = moe_router(x, w_gate, k, True, w_shared_gate)  # [T, k + 1]
+    out = fused_moe(x, w13f, w2f, topk_weights, topk_ids)
+    routed = fused_moe_ref(x, w13, w2, topk_weights[:, :k], topk_ids[:, :k]).float()
+    gu = x.float() @ shared13[0].float().t()
+    shared = (torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]) @ shared2[0].float().t()
+    ref = routed + torch.sigmoid(x.float() @ w_shared_gate.float().t()) * shared
+    assert rel_err(out, ref) < 1e-2, rel_err(out, ref)
+
+
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_router_and_folded_moe_replay_in_a_cuda_graph(T):
+    """The router's counters reset themselves: replays with new inputs keep matching the references."""
+    from deltaserve.ops import moe_router as mr
+
+    name = "qwen3.5-35b-a3b"
+    _, _, k, _ = SHAPES[name]
+    w13, w2 = weights(name)
+    x, w_gate, w_shared_gate = router_inputs(name, T, seed=0)
+    w13f, w2f = w13[: w13.shape[0] - 1], w2[: w2.shape[0] - 1]  # the last expert plays the shared one
+    w_gate = w_gate[: w13f.shape[0] - 1]
+
+    def block():
+        tw, ti = moe_router(x, w_gate, k, True, w_shared_gate)
+        return tw, ti, fused_moe(x, w13f, w2f, tw, ti)
+
+    graph, (tw, ti, out) = capture(block)
+    for seed in (1, 2, 3):
+        x.copy_(router_inputs(name, T, seed=seed)[0])
+        graph.replay()
+        ref = moe_router_ref(x, w_gate, k, True, w_shared_gate)
+        assert_same_routing((tw, ti), ref, x, w_gate, k)
+        assert rel_err(out, fused_moe_ref(x, w13f, w2f, tw, ti)) < 1e-2
+    torch.cuda.synchronize()
+    assert not mr._counter_buffer(x.device).any()
 
 
 def copy_bandwidth_gbs() -> float:
@@ -132,14 +228,7 @@ def bench_graph_us(fn) -> float:
     """Median time of one CUDA-graph replay of ``fn`` with L2 flushed between replays (cold weights)."""
     import triton
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn)
     return 1e3 * triton.testing.do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
 
 

@@ -25,8 +25,9 @@ def build_hf(kind: str, **over):
         return tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**_text(intermediate_size=128, **over)))
     if kind == "qwen3_5_moe":
         return tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(**_text(**TINY_MOE, **over)))
-    if kind == "qwen3_next":
-        cfg = tf.Qwen3NextConfig(**_text(**TINY_MOE, intermediate_size=96, **over))
+    if kind == "qwen3_next":  # a shared expert wider than the routed ones: kept as a separate SwiGLU
+        moe = {**TINY_MOE, "shared_expert_intermediate_size": 48}
+        cfg = tf.Qwen3NextConfig(**_text(**moe, intermediate_size=96, **over))
         return tf.Qwen3NextForCausalLM(cfg)
     if kind == "qwen3_5_vl":
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
@@ -159,3 +160,37 @@ def test_stacked_experts_load_like_per_expert(checkpoints, tmp_path):
     _, per_expert = Runner(load_model(d, dtype=torch.float32)).prefill(ids)
     _, stacked_out = Runner(load_model(tmp_path, dtype=torch.float32)).prefill(ids)
     assert torch.equal(per_expert, stacked_out)
+
+
+def test_shared_expert_is_stored_once_as_expert_e(checkpoints):
+    """As wide as a routed expert: the shared expert is expert E of the stacked weights, with no copy."""
+    hf, d = checkpoints["qwen3_5_moe"]
+    moe = load_model(d, dtype=torch.float32).model.layers[1].mlp
+    E = TINY_MOE["num_experts"]
+    assert not hasattr(moe, "shared_expert")
+    assert moe.experts.gate_up_proj.shape[0] == moe.experts.down_proj.shape[0] == E + 1
+    shared = hf.model.layers[1].mlp.shared_expert
+    gate_up = torch.cat([shared.gate_proj.weight, shared.up_proj.weight])
+    assert torch.equal(moe.experts.gate_up_proj[E], gate_up)
+    assert torch.equal(moe.experts.down_proj[E], shared.down_proj.weight)
+
+
+@pytest.mark.parametrize("missing", ["down_proj", "up_proj"])
+def test_missing_shared_expert_tensor_is_reported(checkpoints, tmp_path, missing):
+    """Expert E's slice stays NaN until all three shared-expert tensors arrive: a missing one is an error."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from deltaserve.errors import CheckpointError
+
+    _, d = checkpoints["qwen3_5_moe"]
+    shutil.copytree(d, tmp_path / "ckpt")
+    name = f"model.layers.1.mlp.shared_expert.{missing}.weight"
+    for shard in (tmp_path / "ckpt").glob("*.safetensors"):
+        tensors = load_file(shard)
+        if tensors.pop(name, None) is not None:
+            save_file(tensors, shard)
+    param = "down_proj" if missing == "down_proj" else "gate_up_proj"
+    with pytest.raises(CheckpointError, match=rf"model\.layers\.1\.mlp\.experts\.{param}"):
+        load_model(tmp_path / "ckpt", dtype=torch.float32)

@@ -21,10 +21,10 @@ CLASSES = [
     ("in_proj (dual)", r"gdn_in_proj"),
     ("gdn (conv + delta rule)", r"gdn|gated_delta|chunk_|fused_recurrent|conv1d|causal_conv|recompute_w_u|solve_tril"),
     ("attention", r"paged|attention|store_kv|_attn|flash"),
-    ("moe experts", r"moe|_w13|_w2_kernel|align"),
+    ("moe experts", r"moe_experts|_w13|_w2_kernel|moe_align"),
     ("gemm (linear layers)", r"gemm|gemv|cublas|cutlass|xmma|nvjet|aten::linear|aten::mm|aten::addmm|splitk"),
     ("norms + activation", r"rms_norm|silu_and_mul|_norm"),
-    ("routing + sampling", r"softmax|topk|sort|argmax|exponential|multinomial"),
+    ("routing + sampling", r"router|softmax|topk|sort|argmax|exponential|multinomial"),
     ("elementwise + copies", r"elementwise|vectorized|reduce|copy|cat|index|fill|where|aten::"),
 ]
 
@@ -72,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
     from deltaserve.bench.roofline import decode_step_bytes, param_counts
     from deltaserve.config import EngineConfig
     from deltaserve.engine.engine import LLMEngine
+    from deltaserve.layers.moe import folds_shared_expert
     from deltaserve.sampling import SamplingParams
 
     resolve_model(args)
@@ -111,6 +112,8 @@ def main(args: argparse.Namespace) -> int:
     b = decode_step_bytes(mc, args.batch, 20, dt, cfg.torch_state_dtype.itemsize)
     c = param_counts(mc)
     expert_bytes = b.weights - (c["gdn"] + c["attention"] + c["dense_mlp"] + c["moe_fixed"] + mc.vocab_size * mc.hidden_size) * dt
+    if mc.is_moe and folds_shared_expert(mc):  # the shared expert is read by the expert kernels
+        expert_bytes += mc.mlp_types.count("moe") * 3 * mc.hidden_size * mc.shared_expert_intermediate_size * dt
     class_bytes = {"gemm (linear layers)": b.weights - expert_bytes, "moe experts": expert_bytes,
                    "gdn (conv + delta rule)": b.state, "attention": b.kv}
     total = sum(times.values())

@@ -1,5 +1,11 @@
 """Sparse MoE block of Qwen3.5-MoE / Qwen3-Next: routed SwiGLU experts plus a gated shared expert.
 
+``out = sum_k w_k · expert_{id_k}(x) + sigmoid(x · shared_expert_gate) · shared_expert(x)``. When the
+shared expert is as wide as a routed one (every released checkpoint), it is stored as one more expert,
+index E, and the router gives every token a slot k with that id and the sigmoid weight: the whole block
+is then the router kernel and the experts' two GEMM launches (at a few tokens), plus the all-reduce.
+Other widths keep a separate SwiGLU for the shared expert.
+
 Tensor parallelism splits every expert's intermediate dimension (TP-MoE), not whole experts (EP):
 at decode batch sizes EP would leave most ranks idle on the few experts a step touches and needs an
 all-to-all; TP-MoE keeps every rank streaming 1/tp of each touched expert and needs only the one
@@ -17,19 +23,27 @@ from deltaserve.layers.mlp import SwiGLU
 from deltaserve.models.config import ModelConfig
 
 
+def folds_shared_expert(cfg: ModelConfig) -> bool:
+    """Whether the shared expert is stored as routed expert E (same width, so the same kernels)."""
+    return cfg.shared_expert_intermediate_size == cfg.moe_intermediate_size
+
+
 class Experts(nn.Module):
     """Stacked expert weights under the Qwen3.5-MoE release names.
 
-    ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows) and ``down_proj [E, H, I]``, ``I`` per rank.
-    Per-expert checkpoint tensors (``experts.{e}.gate_proj.weight`` ...) load into the same tensors.
+    ``gate_up_proj [E', 2I, H]`` (gate rows, then up rows) and ``down_proj [E', H, I]``, ``I`` per rank;
+    ``E' = E + 1`` with ``shared_slot`` (index E holds the shared expert), else ``E``. Per-expert
+    checkpoint tensors (``experts.{e}.gate_proj.weight`` ..., and the shared expert's, as ``e = E``) load
+    into the same tensors, as do the stacked ``experts.gate_up_proj`` / ``down_proj`` (rows ``[0, E)``).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, shared_slot: bool = False):
         super().__init__()
         self.num_experts, self.full_i = num_experts, intermediate_size
         self.i = divide(intermediate_size, tp_size(), "moe_intermediate_size")
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.i, hidden_size), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.i), requires_grad=False)
+        slots = num_experts + shared_slot
+        self.gate_up_proj = nn.Parameter(torch.empty(slots, 2 * self.i, hidden_size), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(slots, hidden_size, self.i), requires_grad=False)
         self.gate_up_proj.weight_loader = self.load_gate_up
         self.down_proj.weight_loader = self.load_down
 
@@ -38,11 +52,11 @@ class Experts(nn.Module):
 
     def load_gate_up(self, param, loaded, shard=None, name: str = "") -> None:
         """shard: None (stacked [E, 2I, H]) or (expert, "gate" | "up") for a per-expert [I, H] tensor."""
-        H, c = param.shape[2], self._cols()
+        H, c, E = param.shape[2], self._cols(), self.num_experts
         if shard is None:
-            check_shape(name, loaded, (self.num_experts, 2 * self.full_i, H))
-            param.data[:, : self.i] = loaded[:, c]
-            param.data[:, self.i :] = loaded[:, self.full_i + c.start : self.full_i + c.stop]
+            check_shape(name, loaded, (E, 2 * self.full_i, H))
+            param.data[:E, : self.i] = loaded[:, c]
+            param.data[:E, self.i :] = loaded[:, self.full_i + c.start : self.full_i + c.stop]
             return
         e, part = shard
         check_shape(name, loaded, (self.full_i, H))
@@ -51,10 +65,10 @@ class Experts(nn.Module):
 
     def load_down(self, param, loaded, shard=None, name: str = "") -> None:
         """shard: None (stacked [E, H, I]) or (expert, "down") for a per-expert [H, I] tensor."""
-        H, c = param.shape[1], self._cols()
+        H, c, E = param.shape[1], self._cols(), self.num_experts
         if shard is None:
-            check_shape(name, loaded, (self.num_experts, H, self.full_i))
-            param.data.copy_(loaded[:, :, c])
+            check_shape(name, loaded, (E, H, self.full_i))
+            param.data[:E].copy_(loaded[:, :, c])
             return
         check_shape(name, loaded, (H, self.full_i))
         param.data[shard[0]] = loaded[:, c]
@@ -65,21 +79,38 @@ class SparseMoE(nn.Module):
         super().__init__()
         H = cfg.hidden_size
         self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.fold_shared = folds_shared_expert(cfg)
         self.gate = ReplicatedLinear(H, cfg.num_experts)
-        self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
-        self.shared_expert = SwiGLU(H, cfg.shared_expert_intermediate_size, reduce=False)
+        self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size, shared_slot=self.fold_shared)
+        if not self.fold_shared:
+            self.shared_expert = SwiGLU(H, cfg.shared_expert_intermediate_size, reduce=False)
         self.shared_expert_gate = ReplicatedLinear(H, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from deltaserve.ops.fused_moe import moe_route
+        shared_gate = self.shared_expert_gate.weight if self.fold_shared else None
+        weights, ids = torch.ops.deltaserve.moe_router(x, self.gate.weight, shared_gate, self.top_k,
+                                                       self.renormalize)  # [T, k (+1)] each
+        out = torch.ops.deltaserve.moe_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        if not self.fold_shared:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return all_reduce(out)
 
-        weights, ids = moe_route(self.gate(x), self.top_k, self.renormalize)  # [T, k] each
-        routed = torch.ops.deltaserve.moe_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return all_reduce(routed + shared)
+
+# Custom ops, so torch.compile sees one node each (the Triton launches and the CPU references stay opaque).
+@torch.library.custom_op("deltaserve::moe_router", mutates_args=())
+def moe_router_op(x: torch.Tensor, w_gate: torch.Tensor, w_shared_gate: torch.Tensor | None, top_k: int,
+                  renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from deltaserve.ops.moe_router import moe_router
+
+    return moe_router(x, w_gate, top_k, renormalize, w_shared_gate)
 
 
-# A custom op, so torch.compile sees one node (the CPU reference loops over the experts that were hit).
+@moe_router_op.register_fake
+def _(x, w_gate, w_shared_gate, top_k, renormalize):
+    k = top_k + (w_shared_gate is not None)
+    return x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int32)
+
+
 @torch.library.custom_op("deltaserve::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from deltaserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from deltaserve.layers.gdn import GatedDeltaNet
 from deltaserve.layers.inproj import InProjPlan
 from deltaserve.layers.mlp import SwiGLU
-from deltaserve.layers.moe import SparseMoE
+from deltaserve.layers.moe import SparseMoE, folds_shared_expert
 from deltaserve.layers.norm import RMSNorm
 from deltaserve.models.config import ModelConfig
 
@@ -62,6 +62,12 @@ class TextModel(nn.Module):
 
 _SKIP = re.compile(r"^(mtp\.|model\.visual\.|visual\.|model\.mtp\.)")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_SHARED_EXPERT = re.compile(r"^(.*\.mlp)\.shared_expert\.(gate|up|down)_proj\.weight$")
+
+
+def _expert_param(experts: str, e: int, kind: str) -> tuple[str, tuple[int, str]]:
+    """One expert's gate/up/down tensor -> its slice (expert e) of the stacked parameter."""
+    return f"{experts}.{'down_proj' if kind == 'down' else 'gate_up_proj'}", (e, kind)
 
 
 class Qwen3NextForCausalLM(nn.Module):
@@ -103,9 +109,9 @@ class Qwen3NextForCausalLM(nn.Module):
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None  # tied: the embedding is the head
         if m := _EXPERT.match(name):
-            base, e, kind = m.group(1), int(m.group(2)), m.group(3)
-            param = "down_proj" if kind == "down" else "gate_up_proj"
-            return f"{base}.{param}", (e, kind)
+            return _expert_param(m.group(1), int(m.group(2)), m.group(3))
+        if (m := _SHARED_EXPERT.match(name)) and folds_shared_expert(self.config):  # stored as expert E
+            return _expert_param(m.group(1) + ".experts", self.config.num_experts, m.group(2))
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             return name, None
         for suffix, (target, shard) in self.packed_modules_mapping.items():

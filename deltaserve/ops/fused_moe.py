@@ -1,12 +1,13 @@
-"""Routed experts of a sparse MoE block (Qwen3.5-MoE, Qwen3-Next): routing, reference, dispatch.
+"""Routed experts of a sparse MoE block (Qwen3.5-MoE, Qwen3-Next): reference and dispatch.
 
 The block computes ``sum_k w_k · expert_{id_k}(x)`` per token, each expert a SwiGLU
 ``down(silu(gate(x)) · up(x))`` of width ``I``. Weights are stacked: ``w13 [E, 2I, H]`` (the gate
-rows, then the up rows) and ``w2 [E, H, I]``. The shared expert is not part of this op.
+rows, then the up rows) and ``w2 [E, H, I]``. A shared expert of the same width folds in as one more
+expert that every token routes to (``layers/moe.py``); the routing comes from ``ops/moe_router.py``.
 
-On CUDA ``fused_moe`` runs the Triton kernels of ``fused_moe_triton`` (four launches, no host sync,
-CUDA-graph safe); on the CPU it runs ``fused_moe_ref`` unless ``force_triton`` (tests run Triton's
-interpreter that way).
+On CUDA ``fused_moe`` runs the Triton kernels of ``fused_moe_triton`` (two launches for a few tokens,
+four for larger batches; no host sync, CUDA-graph safe); on the CPU it runs ``fused_moe_ref`` unless
+``force_triton`` (tests run Triton's interpreter that way).
 """
 
 from __future__ import annotations
@@ -18,25 +19,6 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from deltaserve.ops.fused_moe_triton import MoeConfig
-
-
-def moe_route(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits ``[T, E]`` -> ``(topk_weights [T, k] float32, topk_ids [T, k] int32)``.
-
-    Softmax in fp32 over all E experts, then ``torch.topk`` (its tie order); with ``renormalize``
-    (``norm_topk_prob``) the k weights are rescaled to sum to 1. Plain torch ops: graph-capturable.
-    """
-    if router_logits.dim() != 2:
-        raise ValueError(f"router_logits must be [T, E]; got {tuple(router_logits.shape)}")
-    if not 1 <= top_k <= router_logits.shape[1]:
-        raise ValueError(f"top_k must be in [1, E={router_logits.shape[1]}]; got {top_k}")
-    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
 
 
 def _check(x, w13, w2, topk_weights, topk_ids) -> None:

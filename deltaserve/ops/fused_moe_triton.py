@@ -24,8 +24,8 @@ the same expert at prefill) reuse a weight tile from L2.
 
 **GEMV path** (a few tokens, ``T·k <= 40``), two launches and no workspace but ``inter``:
 ``_gemv_w13_silu_kernel`` over (pair, N-tile) and ``_gemv_w2_kernel`` over (token, N-tile), which
-loops over the token's k experts and so also does the k-sum. An expert shared by two tokens is read
-twice, which at T <= 4 costs less than the align and sum launches (see the table below).
+loads the token's k experts' tiles at once and so also does the k-sum. An expert shared by two tokens
+is read twice, which at T <= 4 costs less than the align and sum launches (see the table below).
 """
 
 from __future__ import annotations
@@ -65,18 +65,28 @@ class MoeConfig:
 
 
 # Chosen from a per-kernel sweep on an H200 (L2 flushed, all three model shapes; tests/
-# test_fused_moe_gpu.py prints the end-to-end table). The first bucket with M = T·k <= bound wins.
+# test_fused_moe_gpu.py prints the end-to-end table). The first bucket with M = T·k <= bound wins
+# (k counts the folded shared expert's slot). scripts/bench_moe.py times the table and a sweep of GEMV
+# tiles on the device.
 # - M <= 40 (a few tokens): the GEMV pair, 2 launches; the sorted path's align + k-sum launches
-#   cost ~5 us there (T=1, 35B-A3B: 30 us vs 33 us).
+#   cost ~5 us there (T=1, 35B-A3B: 30 us vs 33 us with the former GEMV tiles). At T=1 the 57 MB
+#   are limited by the bytes in flight, so each program issues all of its weight reads at once:
+#   w13 a [4, 2048] gate tile and an up tile (32 KB; 1152 programs at T=1, 8+1 experts), w2 one
+#   [k, 2, 512] tile over all k experts (18 KB; 1024 programs). The former tiles ([4, 256] in 8 steps
+#   over H, and a loop over the k experts) made each program wait on ~8-9 dependent DRAM round trips,
+#   which fits the 29.6 us (41% of the floor) measured at T=1. 8 warps keep the wide tiles out of
+#   register spills. The new tiles are a prediction, not yet timed: scripts/bench_moe.py --sweep.
 # - decode batches: BLOCK_M 16 (tl.dot's minimum), narrow N tiles so that the touched experts give
 #   several programs per SM, long K tiles for wide weight loads.
 # - prefill: BLOCK_M 32-64; 120-180 TFLOP/s end to end at T=2048 (far from the tensor-core peak;
 #   correctness first there).
 # (M bucket, H, I) entries in _CONFIGS override the defaults for one model.
-_CONFIGS: dict[tuple[int, int, int], MoeConfig] = {}
+_CONFIGS: dict[tuple[int, int, int], MoeConfig] = {
+    # 122B-A10B: H = 3072 is not a multiple of 2048; I = 1024 in two w2 steps.
+    (40, 3072, 1024): MoeConfig(16, 4, 1024, 2, 512, num_warps=8, num_stages=1, gemv=True),
+}
 _DEFAULT_BUCKETS: list[tuple[int, MoeConfig]] = [
-    (10, MoeConfig(16, 4, 256, 4, 512, num_warps=4, num_stages=1, gemv=True)),
-    (40, MoeConfig(16, 8, 256, 16, 512, num_warps=4, num_stages=1, gemv=True)),
+    (40, MoeConfig(16, 4, 2048, 2, 512, num_warps=8, num_stages=1, gemv=True)),
     (160, MoeConfig(16, 32, 256, 32, 128, num_warps=4, num_stages=3)),
     (1024, MoeConfig(16, 64, 256, 128, 128, num_warps=4, num_stages=3)),
     (8192, MoeConfig(32, 128, 128, 128, 128, num_warps=4, num_stages=3)),
@@ -315,35 +325,41 @@ def _gemv_w13_silu_kernel(
 def _gemv_w2_kernel(
     inter_ptr, w2_ptr, out_ptr, weights_ptr, ids_ptr,
     stride_it, stride_we, stride_wn, stride_ot,
-    H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr,
+    H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
-    """Grid (T, H / BLOCK_N): out[t, n] = sum_j w[t, j] · (w2[e_j, n] · inter[t·k + j]), in one program."""
+    """Grid (T, H / BLOCK_N): out[t, n] = sum_j w[t, j] · (w2[e_j, n] · inter[t·k + j]), in one program.
+
+    The k experts' tiles are one ``[K_PAD, BLOCK_N, BLOCK_K]`` load, so all their reads are in flight
+    at once (a loop over the experts would wait for each in turn); slots past k are masked off.
+    """
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
+    offs_j = tl.arange(0, K_PAD)
+    j_ok = offs_j < TOP_K
+    pair = (t * TOP_K + offs_j).to(tl.int64)  # [KP]
+    e = tl.load(ids_ptr + pair, mask=j_ok, other=0).to(tl.int64)
+    w = tl.load(weights_ptr + pair, mask=j_ok, other=0.0).to(tl.float32)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < H
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):  # unrolled: the k experts' loads can all be in flight
-        pair = t * TOP_K + j
-        e = tl.load(ids_ptr + pair).to(tl.int64)
-        a_ptrs = inter_ptr + pair.to(tl.int64) * stride_it + offs_k  # [BK]
-        b_ptrs = w2_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
-        part = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            if EVEN:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_ok = offs_k < I - k0
-                a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-                b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            part += tl.sum(b.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-        acc += tl.load(weights_ptr + pair).to(tl.float32) * part
-    tl.store(out_ptr + t * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    a_ptrs = inter_ptr + pair[:, None] * stride_it + offs_k[None, :]  # [KP, BK]
+    b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
+              + offs_k[None, None, :])  # [KP, BN, BK]
+    acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN:
+            a = tl.load(a_ptrs, mask=j_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=j_ok[:, None, None], other=0.0)
+        else:
+            k_ok = offs_k < I - k0
+            a = tl.load(a_ptrs, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=j_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :], other=0.0)
+        acc += tl.sum(b.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out = tl.sum(acc * w[:, None], axis=0)  # [BN]: the k-sum, in slot order
+    tl.store(out_ptr + t * stride_ot + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def _fused_moe_gemv(x, w13, w2, topk_weights, topk_ids, cfg: MoeConfig) -> torch.Tensor:
@@ -359,7 +375,7 @@ def _fused_moe_gemv(x, w13, w2, topk_weights, topk_ids, cfg: MoeConfig) -> torch
     )  # fmt: skip
     _gemv_w2_kernel[(T, triton.cdiv(H, cfg.block_n2))](
         inter, w2, out, topk_weights, topk_ids, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        H=H, I=I, TOP_K=k, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
+        H=H, I=I, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
         EVEN=I % cfg.block_k2 == 0 and H % cfg.block_n2 == 0, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out

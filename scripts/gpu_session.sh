@@ -66,6 +66,7 @@ for stage in "$@"; do
       run ttft35b python3 -m deltaserve.cli bench ttft --url http://127.0.0.1:8123 --output "$LOGS/ttft35b.json"
       kill -TERM $spid; wait $spid ;;
     gdn-vs-fla) run gdn-vs-fla python3 scripts/bench_gdn_decode.py --output "$LOGS/gdn-vs-fla.json" ;;
+    moe) run moe python3 scripts/bench_moe.py ${MOE_SWEEP:+--sweep} ;;
     gemv) run gemv python3 scripts/bench_gemv.py --output "$LOGS/gemv.json" ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;

@@ -17,6 +17,8 @@ from deltaserve.models.make_model import make_model
 from deltaserve.ops import paged_attention, qk_norm_rope
 
 pytest.importorskip("triton")
+# CPU tensors through Triton's interpreter; on a GPU, test_engine_gpu.py runs the layer's kernels for real.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter test (CPU tensors)")
 
 
 def _run(model_dir) -> torch.Tensor:

@@ -51,6 +51,16 @@ def test_missing_tensor_names_the_parameter(ckpt):
         load_model(ckpt, dtype=torch.float32)
 
 
+def test_missing_k_proj_names_the_merged_qkv_and_the_tensors_it_got(ckpt):
+    name = "model.language_model.layers.3.self_attn.k_proj.weight"
+    for shard in _shards(ckpt):
+        if name in load_file(shard):
+            _rewrite(shard, lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=r"parameter 'model\.layers\.3\.self_attn\.qkv_proj\.weight'; it was "
+                                              r"loaded only from \S*q_proj\.weight, \S*v_proj\.weight$"):
+        load_model(ckpt, dtype=torch.float32)
+
+
 def test_unexpected_tensor_names_file_and_tensor(ckpt):
     shard = _shards(ckpt)[0]
     _rewrite(shard, lambda t: t.__setitem__("model.language_model.layers.0.mlp.bogus.weight", torch.ones(2, 2)))

@@ -118,6 +118,29 @@ def test_prefill_ref_matches_dense_with_chunked_continuation(block_size, Hq, Hkv
         torch.testing.assert_close(o[lo:hi].double(), want, atol=1e-5, rtol=1e-5)
 
 
+def gate_like(q, seed=9):
+    """A gate ``[T, Hq, D]`` laid out as the layer's: the second half of each q_proj head (a strided view)."""
+    from deltaserve.ops.qk_norm_rope import gate_view
+
+    T, Hq, D = q.shape
+    qkv = torch.randn(T, (2 * Hq + 2) * D, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
+    return gate_view(qkv.to(q.device), Hq, D)
+
+
+def test_gated_refs_match_dense_oracle_times_sigmoid_gate():
+    paged = Paged([40, 9], 2, 32, 16)
+    q, cu = varlen_q(paged, [40, 9], 4, 32)
+    gate = gate_like(q)
+    args = (paged.k_cache, paged.v_cache, paged.block_tables)
+    pre = paged_attention_prefill(q, *args, cu, paged.seq_lens, 0.2, 40, gate=gate)
+    last = cu[1:].long() - 1
+    dec = paged_attention_decode(q[last], *args, paged.seq_lens, 0.2, gate=gate[last])
+    for n, (lo, hi) in enumerate(((0, 40), (40, 49))):
+        want = dense_oracle(q[lo:hi], paged.k[n], paged.v[n], 0.2, 0) * torch.sigmoid(gate[lo:hi].double())
+        torch.testing.assert_close(pre[lo:hi].double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dec[n].double(), want[-1], atol=1e-5, rtol=1e-5)
+
+
 def test_decode_ref_equals_last_row_of_prefill():
     paged = Paged([40, 9], 2, 32, 16)
     q, cu = varlen_q(paged, [40, 9], 4, 32)
@@ -166,6 +189,8 @@ def test_inputs_are_validated():
         paged_attention_decode(torch.randn(1, 2, 40), kc, kc, *args[2:])
     with pytest.raises(ValueError, match="seq_lens must be torch.int32"):
         paged_attention_decode(torch.randn(1, 4, 64), *args[:3], paged.seq_lens.long(), 1.0)
+    with pytest.raises(ValueError, match="gate must match q"):
+        paged_attention_decode(torch.randn(1, 4, 64), *args, gate=torch.randn(1, 2, 64))
     with pytest.raises(ValueError, match="slot_mapping must be int64"):
         store_kv(
             torch.randn(1, 2, 64), torch.randn(1, 2, 64), *args[:2], torch.tensor([0], dtype=torch.int32)
@@ -192,6 +217,21 @@ def test_triton_decode_matches_ref(Hq, Hkv, D, block_size, dtype, num_splits, ke
     o = paged_attention_decode(q, kc, vc, bt, sl, 0.125, num_splits=num_splits, force_triton=True)
     ref = paged_attention_decode_ref(q, kc, vc, bt, sl, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(o.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_gated_decode_matches_ref(dtype, num_splits, kernel_device):
+    """The gate is applied in the epilogue of the decode kernel (1 split) or of the split reduce (3)."""
+    paged = Paged([17, 1, 70], 2, 64, 16, dtype)
+    kc, vc, bt, sl = (t.to(kernel_device) for t in (paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens))
+    q = torch.randn(3, 8, 64, generator=torch.Generator().manual_seed(5)).to(dtype=dtype, device=kernel_device)
+    gate = gate_like(q)
+    o = paged_attention_decode(q, kc, vc, bt, sl, 0.125, gate=gate, num_splits=num_splits, force_triton=True)
+    ref = paged_attention_decode_ref(q, kc, vc, bt, sl, 0.125, gate)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(o.float(), ref.float(), atol=tol, rtol=tol)
 
 
@@ -223,6 +263,22 @@ def test_triton_prefill_matches_ref(Hq, Hkv, D, block_size, dtype, kernel_device
     o = paged_attention_prefill(q, kc, vc, bt, cu, sl, 0.125, max(q_lens), force_triton=True)
     ref = paged_attention_prefill_ref(q, kc, vc, bt, cu, sl, 0.125, max(q_lens))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(o.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gated_prefill_matches_ref(dtype, kernel_device):
+    lens, q_lens = [1, 50, 70], [1, 20, 35]
+    paged = Paged(lens, 1, 64, 16, dtype)
+    q, cu = varlen_q(paged, q_lens, 4, 64, dtype)
+    gate = gate_like(q)
+    q, gate, cu, kc, vc, bt, sl = (
+        t.to(kernel_device) for t in (q, gate, cu, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens)
+    )
+    o = paged_attention_prefill(q, kc, vc, bt, cu, sl, 0.125, max(q_lens), gate=gate, force_triton=True)
+    ref = paged_attention_prefill_ref(q, kc, vc, bt, cu, sl, 0.125, max(q_lens), gate)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(o.float(), ref.float(), atol=tol, rtol=tol)
 
 

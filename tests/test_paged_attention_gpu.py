@@ -16,6 +16,7 @@ from deltaserve.ops.paged_attention import (
     paged_attention_prefill_ref,
     store_kv,
 )
+from deltaserve.ops.qk_norm_rope import gate_view
 
 pytestmark = pytest.mark.gpu
 
@@ -60,6 +61,41 @@ def test_decode_matches_reference(B: int, Hq: int):
         assert o.dtype == torch.bfloat16 and o.shape == q.shape
         errs = [rel_err(o[b], ref[b]) for b in range(B)]
         assert max(errs) < 1e-2, (splits, max(errs))
+
+
+def layer_gate(T: int, Hq: int) -> torch.Tensor:
+    """A gate laid out as the layer's: the second half of each q_proj head of a merged qkv output."""
+    qkv = torch.randn(T, (2 * Hq + 4) * D, device="cuda", dtype=torch.bfloat16)
+    return gate_view(qkv, Hq, D)
+
+
+@pytest.mark.parametrize("Hq", [16, 32])
+@pytest.mark.parametrize("B", [1, 8, 64])
+def test_gated_decode_matches_reference(B: int, Hq: int):
+    g = torch.Generator().manual_seed(B)
+    lens = torch.randint(1, 8193, (B,), generator=g).tolist()
+    kc, vc, bt, sl = make_cache(lens, 2)
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+    gate = layer_gate(B, Hq)
+    ref = paged_attention_decode_ref(q, kc, vc, bt, sl, SCALE, gate)
+    for splits in (None, 1):  # the gate in the reduce kernel's epilogue, then in the decode kernel's
+        o = paged_attention_decode(q, kc, vc, bt, sl, SCALE, gate=gate, num_splits=splits)
+        assert max(rel_err(o[b], ref[b]) for b in range(B)) < 1e-2, splits
+
+
+@pytest.mark.parametrize("Hq", [16, 32])
+def test_gated_prefill_matches_reference(Hq: int):
+    ctx, q_lens = [0, 4096, 7], [1000, 2000, 1]
+    lens = [c + n for c, n in zip(ctx, q_lens, strict=True)]
+    kc, vc, bt, sl = make_cache(lens, 2, seed=1)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(int(cu[-1]), Hq, D, device="cuda", dtype=torch.bfloat16)
+    gate = layer_gate(q.shape[0], Hq)
+    o = paged_attention_prefill(q, kc, vc, bt, cu, sl, SCALE, max(q_lens), gate=gate)
+    ref = paged_attention_prefill_ref(q, kc, vc, bt, cu, sl, SCALE, max(q_lens), gate)
+    for n in range(len(lens)):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        assert rel_err(o[lo:hi], ref[lo:hi]) < 1e-2, n
 
 
 @pytest.mark.parametrize("Hq", [16, 32])

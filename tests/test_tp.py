@@ -17,6 +17,7 @@ from deltaserve.models.loader import load_model
 
 KINDS = ["qwen3_5", "qwen3_5_moe", "qwen3_next"]
 MODES = ["serial", "dual", "fused"]
+KV1 = "qwen3_5_kv1"  # one KV head for four query heads: both ranks hold a copy of it
 PROMPT = list(range(3, 44))
 
 
@@ -44,9 +45,9 @@ def _rank_main(rank: int, port: int, jobs: list, results) -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     out = {}
-    for kind in KINDS:
+    for kind in [*KINDS, KV1]:
         torch.manual_seed(0)
-        hf = build_hf(kind).eval()
+        hf = (build_hf("qwen3_5", num_key_value_heads=1) if kind == KV1 else build_hf(kind)).eval()
         randomize_(hf)
         d = tmp_path_factory.mktemp(f"tp-{kind}")
         hf.save_pretrained(d, max_shard_size="150KB")
@@ -57,6 +58,7 @@ def checkpoints(tmp_path_factory):
 
 def test_tp2_logits_equal_tp1_for_every_model_and_inproj(checkpoints):
     jobs = [(f"{k}/{m}", str(checkpoints[k]), m) for k in KINDS for m in MODES]
+    jobs.append((f"{KV1}/fused", str(checkpoints[KV1]), "fused"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -74,6 +76,32 @@ def test_tp2_logits_equal_tp1_for_every_model_and_inproj(checkpoints):
         err = ((got[key] - ref).abs().max() / ref.abs().max()).item()
         assert err <= 1e-5, f"{key}: tp=2 vs tp=1 relative error {err:.2e}"
         assert torch.equal(got[key].argmax(-1), ref.argmax(-1)), key
+
+
+@pytest.mark.parametrize("Hq,Hkv,tp", [(4, 2, 2), (4, 1, 2), (4, 2, 4), (8, 2, 4), (16, 2, 8)])
+def test_qkv_proj_rank_holds_its_query_heads_and_the_kv_heads_they_read(Hq, Hkv, tp):
+    """The merged q/k/v weight of each rank, loaded from q_proj, k_proj, v_proj (KV split or replicated)."""
+    from deltaserve.distributed import set_tp
+    from deltaserve.layers.linear import QKVParallelLinear
+
+    H, D = 8, 4
+    g = torch.Generator().manual_seed(0)
+    q_proj, k_proj, v_proj = (torch.randn(n * D, H, generator=g) for n in (2 * Hq, Hkv, Hkv))
+    for rank in range(tp):
+        set_tp(rank, tp)
+        try:
+            qkv = QKVParallelLinear(H, Hq, Hkv, D)
+        finally:
+            set_tp(0, 1)
+        for shard, w in (("q", q_proj), ("k", k_proj), ("v", v_proj)):
+            qkv.weight.weight_loader(qkv.weight, w, shard, name=f"{shard}_proj")
+        heads = list(range(rank * Hq // tp, (rank + 1) * Hq // tp))
+        kv_heads = sorted({h // (Hq // Hkv) for h in heads})  # GQA: the KV heads these query heads read
+        assert qkv.num_heads == len(heads) and qkv.num_kv_heads == len(kv_heads)
+        q_rows = q_proj.view(Hq, 2 * D, H)[heads].flatten(0, 1)
+        k_rows, v_rows = (w.view(Hkv, D, H)[kv_heads].flatten(0, 1) for w in (k_proj, v_proj))
+        want = torch.cat([q_rows, k_rows, v_rows])
+        assert torch.equal(qkv.weight, want)
 
 
 def test_tp2_engine_generates_like_tp1(checkpoints):

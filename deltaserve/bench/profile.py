@@ -20,7 +20,7 @@ from deltaserve.bench.offline import resolve_model
 CLASSES = [
     ("in_proj (dual)", r"gdn_in_proj"),
     ("gdn (conv + delta rule)", r"gdn|gated_delta|chunk_|fused_recurrent|conv1d|causal_conv|recompute_w_u|solve_tril"),
-    ("attention", r"paged|attention|store_kv|_attn|flash"),
+    ("attention", r"paged|attention|store_kv|qk_norm_rope|_attn|flash"),
     ("moe experts", r"moe_experts|_w13|_w2_kernel|moe_align"),
     ("gemm (linear layers)", r"gemm|gemv|cublas|cutlass|xmma|nvjet|aten::linear|aten::mm|aten::addmm|splitk"),
     ("norms + activation", r"rms_norm|silu_and_mul|_norm"),

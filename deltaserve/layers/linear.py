@@ -8,8 +8,8 @@ only its own rows. With ``tp_size == 1`` every layer is a plain ``F.linear``.
 | layer | weight per rank | after forward |
 |---|---|---|
 | ReplicatedLinear | full | - |
-| ColumnParallelLinear | rows split | - (outputs stay sharded) |
-| MergedColumnParallelLinear | each logical shard's rows split separately | - |
+| MergedColumnParallelLinear | each logical shard's rows split separately | - (outputs stay sharded) |
+| QKVParallelLinear | q heads split; K/V heads split, or replicated when fewer than ranks | - |
 | RowParallelLinear | columns split | all-reduce |
 """
 
@@ -71,40 +71,6 @@ class ReplicatedLinear(LinearBase):
         copy_checked(param.data, loaded, name)
 
 
-class ColumnParallelLinear(LinearBase):
-    """Output features split evenly over ranks (e.g. q_proj: whole heads per rank)."""
-
-    def __init__(self, input_size: int, output_size: int, what: str = "output features"):
-        self.full_output_size = output_size
-        super().__init__(input_size, divide(output_size, tp_size(), what))
-
-    def weight_loader(self, param, loaded, shard=None, name=""):
-        if shape_of(loaded)[0] != self.full_output_size:
-            raise CheckpointError(f"{name}: expected {self.full_output_size} rows, got shape {shape_of(loaded)}")
-        copy_checked(param.data, rank_rows(loaded, self.full_output_size, name), name)
-
-
-class HeadParallelLinear(LinearBase):
-    """K/V projections: heads split over ranks, replicated when there are fewer heads than ranks."""
-
-    def __init__(self, input_size: int, num_heads: int, head_dim: int):
-        tp = tp_size()
-        if num_heads >= tp:
-            self.heads_per_rank = divide(num_heads, tp, "num_key_value_heads")
-            self.first_head = tp_rank() * self.heads_per_rank
-        else:
-            divide(tp, num_heads, "tensor_parallel_size over num_key_value_heads")
-            self.heads_per_rank, self.first_head = 1, tp_rank() * num_heads // tp
-        self.num_heads, self.head_dim = num_heads, head_dim
-        super().__init__(input_size, self.heads_per_rank * head_dim)
-
-    def weight_loader(self, param, loaded, shard=None, name=""):
-        if shape_of(loaded)[0] != self.num_heads * self.head_dim:
-            raise CheckpointError(f"{name}: expected {self.num_heads * self.head_dim} rows, got {shape_of(loaded)}")
-        start = self.first_head * self.head_dim
-        copy_checked(param.data, loaded[start : start + self.output_size], name)
-
-
 class MergedColumnParallelLinear(LinearBase):
     """Several logical projections in one weight: ``output_sizes`` full sizes, each split over ranks.
 
@@ -131,6 +97,40 @@ class MergedColumnParallelLinear(LinearBase):
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(y, self.rank_sizes, dim=-1)
+
+
+class QKVParallelLinear(LinearBase):
+    """Gated attention's q_proj, k_proj and v_proj as one weight: one GEMM per layer.
+
+    Rows per rank: ``[Hq x (q D | gate D) | Hkv x k D | Hkv x v D]`` (q_proj keeps its per-head
+    ``[q | gate]`` layout). Query heads split over ranks; KV heads split too, or -- when there are fewer
+    than ranks -- each rank holds the one KV head its query heads read (rank ``r``: head ``r * Hkv // tp``).
+    The loader's ``shard`` is ``"q"``, ``"k"`` or ``"v"``: the checkpoint's q_proj, k_proj, v_proj.
+    """
+
+    def __init__(self, input_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        tp = tp_size()
+        self.num_heads = divide(num_heads, tp, "num_attention_heads")  # per rank
+        if num_kv_heads >= tp:
+            self.num_kv_heads = divide(num_kv_heads, tp, "num_key_value_heads")
+            first_kv_head = tp_rank() * self.num_kv_heads
+        else:
+            divide(tp, num_kv_heads, "tensor_parallel_size over num_key_value_heads")
+            self.num_kv_heads, first_kv_head = 1, tp_rank() * num_kv_heads // tp
+        self.head_dim = head_dim
+        q_rows, kv_rows = 2 * self.num_heads * head_dim, self.num_kv_heads * head_dim
+        # shard -> (rows in the checkpoint tensor, first row this rank reads, offset in our weight, rows)
+        self.shards = {
+            "q": (2 * num_heads * head_dim, tp_rank() * q_rows, 0, q_rows),
+            "k": (num_kv_heads * head_dim, first_kv_head * head_dim, q_rows, kv_rows),
+            "v": (num_kv_heads * head_dim, first_kv_head * head_dim, q_rows + kv_rows, kv_rows),
+        }
+        super().__init__(input_size, q_rows + 2 * kv_rows)
+
+    def weight_loader(self, param, loaded, shard=None, name=""):
+        full, start, offset, rows = self.shards[shard]
+        check_shape(name, loaded, (full, self.input_size))
+        copy_checked(param.data[offset : offset + rows], loaded[start : start + rows], name)
 
 
 class RowParallelLinear(LinearBase):

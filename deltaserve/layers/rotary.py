@@ -1,9 +1,10 @@
-"""Partial NeoX rotary embedding (the first ``rotary_dim`` of each head's dims rotate).
+"""Partial NeoX rotary embedding: the layer's ``inv_freq`` (the rotation itself is ``ops/qk_norm_rope.py``).
 
 Qwen3.5 declares interleaved M-RoPE (``mrope_section``); for text-only input its three position rows
-are equal, every section then sees the same angle, and it reduces exactly to this 1-D RoPE.
-cos/sin are computed from the positions on the fly (a few thousand flops), so no
-``max_position_embeddings``-sized table is allocated and CUDA graphs need no extra buffers.
+are equal, every section then sees the same angle, and it reduces exactly to 1-D RoPE on the first
+``rotary_dim`` dims of each head. cos/sin are computed from the positions on the fly (in the fused
+q/k kernel), so no ``max_position_embeddings``-sized table is allocated and CUDA graphs need no extra
+buffers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
+    """Holds ``inv_freq [rotary_dim / 2]`` fp32 = ``1 / theta ** (2i / rotary_dim)``, computed as HF does."""
+
     def __init__(self, rotary_dim: int, theta: float):
         super().__init__()
         self.rotary_dim = rotary_dim
@@ -26,15 +29,3 @@ class RotaryEmbedding(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the buffer after a meta-device init."""
         self.inv_freq = self._inv_freq().to(self.inv_freq.device)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions ``[T]``; q ``[T, Hq, D]``, k ``[T, Hk, D]`` -> rotated q, k (same shapes and dtype)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None]  # [T, rot/2]
-        cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # [T, 1, rot/2]
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = self.rotary_dim // 2
-        x1, x2 = x[..., :half].float(), x[..., half : self.rotary_dim].float()
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-        return torch.cat([rotated, x[..., self.rotary_dim :]], dim=-1)

@@ -91,6 +91,7 @@ def load_weights(model: Qwen3NextForCausalLM, model_dir: Path) -> None:
     for p in params.values():
         p.data.fill_(float("nan"))
     skipped = 0
+    sources: dict[str, list[str]] = {}  # parameter -> the checkpoint tensors loaded into it
     for path in checkpoint_files(model_dir):
         try:
             f = safe_open(str(path), framework="pt", device="cpu")
@@ -113,11 +114,14 @@ def load_weights(model: Qwen3NextForCausalLM, model_dir: Path) -> None:
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"{path.name}: cannot read tensor {key!r} ({e}); the file may be "
                                           f"truncated or corrupt") from e
+                sources.setdefault(pname, []).append(key)
     if skipped:
         logger.info("skipped %d vision/MTP tensors (deltaserve serves the text model)", skipped)
     for name, p in params.items():
         if torch.isnan(p.data).any():
-            raise CheckpointError(f"{model_dir}: no checkpoint tensor provides (all of) parameter {name!r}")
+            # A packed parameter (e.g. qkv_proj from q_proj, k_proj, v_proj) says which parts it did get.
+            got = f"; it was loaded only from {', '.join(sources[name])}" if name in sources else ""
+            raise CheckpointError(f"{model_dir}: no checkpoint tensor provides (all of) parameter {name!r}{got}")
 
 
 def fill_dummy(model: Qwen3NextForCausalLM, seed: int = 0) -> None:

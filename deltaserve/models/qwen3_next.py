@@ -75,6 +75,9 @@ class Qwen3NextForCausalLM(nn.Module):
 
     # checkpoint suffix -> (parameter suffix, shard). Shards of the GDN in_proj are [q, k, v, z, b, a].
     packed_modules_mapping = {
+        "self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", "q"),
+        "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", "k"),
+        "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", "v"),
         "linear_attn.in_proj_qkv.weight": ("linear_attn.in_proj.weight", (0, 1, 2)),
         "linear_attn.in_proj_z.weight": ("linear_attn.in_proj.weight", 3),
         "linear_attn.in_proj_b.weight": ("linear_attn.in_proj.weight", 4),

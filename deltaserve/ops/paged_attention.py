@@ -9,7 +9,9 @@ Cache layout, per attention layer::
 
 Token ``t`` of sequence ``b`` lives at ``k_cache[block_tables[b, t // block_size], t % block_size]``.
 GQA: query head ``h`` reads KV head ``h // (Hq / Hkv)``. The softmax runs in fp32; outputs come
-back in q's dtype.
+back in q's dtype. With a ``gate`` (the gated attention layer's, ``[T, Hq, D]``, any row/head strides)
+the output is ``o * sigmoid(gate)``, rounded as the eager ``o.to(dtype) * torch.sigmoid(gate)`` is; the
+kernels apply it in their epilogue, so it costs no launch of its own.
 
 The public functions validate shapes and dtypes (never values: that would sync the GPU), then send
 CUDA tensors to the Triton kernels in ``paged_attention_triton`` and CPU tensors to the plain
@@ -69,6 +71,16 @@ def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"block_tables must be a row-contiguous [B, max_blocks]; got {tuple(bt.shape)}")
 
 
+def _check_gate(gate: torch.Tensor | None, q: torch.Tensor) -> None:
+    if gate is None:
+        return
+    if gate.shape != q.shape or gate.dtype != q.dtype or gate.device != q.device:
+        raise ValueError(f"gate must match q {tuple(q.shape)} {q.dtype} on {q.device}; got "
+                         f"{tuple(gate.shape)} {gate.dtype} on {gate.device}")  # fmt: skip
+    if gate.stride(-1) != 1:
+        raise ValueError("gate must be contiguous in head_dim (stride(-1) == 1)")
+
+
 def _use_triton(x: torch.Tensor, force_triton: bool) -> bool:
     return x.is_cuda or force_triton
 
@@ -110,6 +122,10 @@ def _attend_ref(
     return out
 
 
+def _gated(o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return o if gate is None else o * torch.sigmoid(gate)
+
+
 def store_kv_ref(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -131,6 +147,7 @@ def paged_attention_decode_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence at position ``seq_lens[b] - 1``. q ``[B, Hq, D]`` -> ``[B, Hq, D]``."""
     out = torch.zeros_like(q)  # a sequence with seq_len 0 (padding) gets zeros, as in the kernel
@@ -139,7 +156,7 @@ def paged_attention_decode_ref(
             k = _gather_kv(k_cache, block_tables[b], n)
             v = _gather_kv(v_cache, block_tables[b], n)
             out[b] = _attend_ref(q[b : b + 1], k, v, scale, n - 1)[0].to(q.dtype)
-    return out
+    return _gated(out, gate)
 
 
 def paged_attention_prefill_ref(
@@ -151,6 +168,7 @@ def paged_attention_prefill_ref(
     seq_lens: torch.Tensor,
     scale: float,
     max_query_len: int,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of packed ``q [T, Hq, D]`` over the cache; see ``paged_attention_prefill``."""
     out = torch.zeros_like(q)
@@ -161,7 +179,7 @@ def paged_attention_prefill_ref(
             k = _gather_kv(k_cache, block_tables[n], seq_len)
             v = _gather_kv(v_cache, block_tables[n], seq_len)
             out[lo:hi] = _attend_ref(q[lo:hi], k, v, scale, seq_len - (hi - lo)).to(q.dtype)
-    return out
+    return _gated(out, gate)
 
 
 # ----------------------------------------------------------------------------------- public ops
@@ -205,6 +223,7 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,
     scale: float,
     *,
+    gate: torch.Tensor | None = None,
     num_splits: int | None = None,
     force_triton: bool = False,
 ) -> torch.Tensor:
@@ -214,9 +233,10 @@ def paged_attention_decode(
     cached tokens (its own K/V stored already); ``seq_lens[b] == 0`` gives zeros (padded slots).
     ``num_splits``: flash-decoding programs per (sequence, KV head); default from static shapes
     (``paged_attention_triton.decode_num_splits``), fixed per batch size so a CUDA graph can be
-    captured and replayed with new ``seq_lens``.
+    captured and replayed with new ``seq_lens``. ``gate [B, Hq, D]``: return ``o * sigmoid(gate)``.
     """
     _check_attention(q, k_cache, v_cache, block_tables=block_tables, seq_lens=seq_lens)
+    _check_gate(gate, q)
     B = q.shape[0]
     if block_tables.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"block_tables must be [B={B}, *] and seq_lens [B={B}]; got "
@@ -227,9 +247,9 @@ def paged_attention_decode(
         from deltaserve.ops import paged_attention_triton
 
         return paged_attention_triton.paged_attention_decode(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits
+            q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, gate=gate
         )
-    return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, gate)
 
 
 def paged_attention_prefill(
@@ -242,6 +262,7 @@ def paged_attention_prefill(
     scale: float,
     max_query_len: int,
     *,
+    gate: torch.Tensor | None = None,
     force_triton: bool = False,
 ) -> torch.Tensor:
     """Varlen (chunked) prefill: q ``[T, Hq, D]`` packed by ``cu_seqlens_q [N + 1]`` -> o ``[T, Hq, D]``.
@@ -249,10 +270,12 @@ def paged_attention_prefill(
     Sequence ``n`` has ``q_len = cu[n+1] - cu[n]`` new tokens whose K/V are already in the cache,
     after ``ctx = seq_lens[n] - q_len`` earlier tokens; its query ``i`` (position ``ctx + i``) sees
     cache positions ``0 .. ctx + i``. ``max_query_len`` (a host int >= every q_len) sizes the grid.
+    ``gate [T, Hq, D]``: return ``o * sigmoid(gate)``.
     """
     _check_attention(
         q, k_cache, v_cache, block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q
     )
+    _check_gate(gate, q)
     N = seq_lens.shape[0]
     if cu_seqlens_q.shape != (N + 1,) or block_tables.shape[0] != N:
         raise ValueError(f"cu_seqlens_q must be [N+1={N + 1}] and block_tables [N={N}, *]; got "
@@ -263,8 +286,8 @@ def paged_attention_prefill(
         from deltaserve.ops import paged_attention_triton
 
         return paged_attention_triton.paged_attention_prefill(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_query_len
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_query_len, gate=gate
         )
     return paged_attention_prefill_ref(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_query_len
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_query_len, gate
     )

@@ -9,7 +9,8 @@ its block id up on its own, so any block size (1, 16, 32, ...) works with the sa
 Every attention program owns one KV head and all ``G = Hq / Hkv`` query heads that read it, so a
 K/V tile is loaded once per GQA group. Scores are computed in the log2 domain
 (``scale * log2(e)`` folded in once) and the softmax runs in fp32; P is cast to the cache dtype
-for the P @ V product, as flash attention does.
+for the P @ V product, as flash attention does. An optional output gate (``o * sigmoid(gate)``) is
+applied in the epilogue of whichever kernel writes ``o``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,17 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def _epilogue(out, gate_ptrs, mask, HAS_GATE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """fp32 ``out`` in the output dtype, times ``sigmoid(gate)``, each rounded where the eager
+    ``o.to(dtype) * torch.sigmoid(gate)`` rounds."""
+    out = out.to(OUT_DTYPE)
+    if HAS_GATE:
+        g = tl.sigmoid(tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)).to(OUT_DTYPE)
+        out = (out.to(tl.float32) * g.to(tl.float32)).to(OUT_DTYPE)
+    return out
+
+
 # --------------------------------------------------------------------------------------- store
 
 
@@ -115,12 +127,13 @@ def store_kv(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, o_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, o_ptr, gate_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
     scale_log2,
-    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_gb, stride_gh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_bt,
     HQ: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr,
 ):  # fmt: skip
     # Invariant: split s of a sequence covers KV tiles [s * per, min((s + 1) * per, n_tiles)) with
     # per = max(1, cdiv(n_tiles, NUM_SPLITS)) computed from the live seq_len; the reduce kernel
@@ -170,8 +183,9 @@ def _decode_kernel(
     if NUM_SPLITS == 1:
         # seq_len == 0 (a padded CUDA-graph slot) leaves l_i == 0: write zeros, not NaN.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=omask)  # fmt: skip
+        g_ptrs = gate_ptr + b * stride_gb + heads[:, None] * stride_gh + d[None, :]
+        out = _epilogue(out, g_ptrs, omask, HAS_GATE, o_ptr.dtype.element_ty)
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out, mask=omask)
     else:
         row = (b * HQ + heads).to(tl.int64) * NUM_SPLITS + split  # part_m/l [B, Hq, S]
         tl.store(part_m_ptr + row, m_i, mask=gmask)
@@ -181,9 +195,9 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_o_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, o_ptr, stride_ob, stride_oh,
+    part_o_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, o_ptr, gate_ptr, stride_ob, stride_oh, stride_gb, stride_gh,
     HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HAS_GATE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -205,15 +219,16 @@ def _decode_reduce_kernel(
         w_i = tl.exp2(tl.load(part_m_ptr + base + i) - m_max)
         acc += w_i * tl.load(part_o_ptr + (base + i) * D + d, mask=d < D, other=0.0)
     out = acc / tl.where(l_tot > 0, l_tot, 1.0)
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+    out = _epilogue(out, gate_ptr + b * stride_gb + h * stride_gh + d, d < D, HAS_GATE, o_ptr.dtype.element_ty)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out, mask=d < D)
 
 
 def paged_attention_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int | None = None,
-    num_warps: int | None = None, num_stages: int = 2,
+    num_warps: int | None = None, num_stages: int = 2, gate: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Grid ``(B, Hkv, splits)``, then a ``(B, Hq)`` reduce when ``splits > 1``.
+    """Grid ``(B, Hkv, splits)``, then a ``(B, Hq)`` reduce when ``splits > 1``; the last applies ``gate``.
 
     ``block_n`` / ``num_warps`` / ``num_stages`` override the tuned tiles (for sweeps).
     """
@@ -235,21 +250,22 @@ def paged_attention_decode(
         part_l = torch.empty_like(part_m)
     else:
         part_o = part_m = part_l = o  # unused
+    g = gate if gate is not None else o  # unused without a gate
     _decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, o, part_o, part_m, part_l,
+        q, k_cache, v_cache, block_tables, seq_lens, o, g, part_o, part_m, part_l,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HQ=Hq, G=G, G_PAD=_pow2(G, 16), D=D, D_PAD=_pow2(D), PAGE=k_cache.shape[1],
-        BLOCK_N=block_n, NUM_SPLITS=splits, DOT_PREC=_dot_precision(q), num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_N=block_n, NUM_SPLITS=splits, DOT_PREC=_dot_precision(q), HAS_GATE=gate is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _decode_reduce_kernel[(B, Hq)](
-            part_o, part_m, part_l, seq_lens, o, o.stride(0), o.stride(1),
+            part_o, part_m, part_l, seq_lens, o, g, o.stride(0), o.stride(1), g.stride(0), g.stride(1),
             HQ=Hq, D=D, D_PAD=_pow2(D), BLOCK_N=block_n, NUM_SPLITS=splits, S_PAD=_pow2(splits),
-            num_warps=2,
+            HAS_GATE=gate is not None, num_warps=2,
         )  # fmt: skip
     return o
 
@@ -259,12 +275,12 @@ def paged_attention_decode(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, seq_lens_ptr, o_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, seq_lens_ptr, o_ptr, gate_ptr,
     scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_gt, stride_gh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    TOK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    TOK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, HAS_GATE: tl.constexpr,
 ):  # fmt: skip
     # Invariant: a program owns query tokens [t0, t0 + TOK_M) of one sequence and all G query heads
     # of one KV head, as BLOCK_M = TOK_M * G_PAD rows (row r = token r // G_PAD, head r % G_PAD).
@@ -317,15 +333,18 @@ def _prefill_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    omask = rmask[:, None] & dmask[None, :]
+    g_rows = (q_start + tok).to(tl.int64) * stride_gt + (kvh * G + g) * stride_gh
+    out = _epilogue(out, gate_ptr + g_rows[:, None] + d[None, :], omask, HAS_GATE, o_ptr.dtype.element_ty)
     o_rows = (q_start + tok).to(tl.int64) * stride_ot + (kvh * G + g) * stride_oh
-    tl.store(o_ptr + o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=rmask[:, None] & dmask[None, :])  # fmt: skip
+    tl.store(o_ptr + o_rows[:, None] + d[None, :], out, mask=omask)
 
 
 def paged_attention_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_query_len: int,
     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Grid ``(cdiv(max_query_len, block_m / G_pad), N, Hkv)``; rows = query tokens x the GQA group."""
     T, Hq, D = q.shape
@@ -341,13 +360,15 @@ def paged_attention_prefill(
     block_n = block_n or 64
     num_warps = num_warps or (8 if D > 128 else 4)
     tok_m = max(1, block_m // g_pad)
+    gt = gate if gate is not None else o  # unused without a gate
     _prefill_kernel[(triton.cdiv(max_query_len, tok_m), N, Hkv)](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, o,
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, o, gt,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1), gt.stride(0), gt.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         G=G, G_PAD=g_pad, D=D, D_PAD=_pow2(D), PAGE=k_cache.shape[1],
-        TOK_M=tok_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        TOK_M=tok_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), HAS_GATE=gate is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o

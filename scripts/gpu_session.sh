@@ -34,6 +34,9 @@ for stage in "$@"; do
     kernels) run kernels python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
                tests/test_gdn_kernels_gpu.py tests/test_paged_attention_gpu.py tests/test_fused_moe_gpu.py \
                tests/test_norms.py ${EXTRA_KERNEL_TESTS:-} ;;
+    kernels-new) run kernels-new python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
+                   tests/test_fused_moe_gpu.py tests/test_paged_attention_gpu.py tests/test_qk_norm_rope_gpu.py \
+                   tests/test_skinny_gemm.py ;;
     engine) run engine python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py ;;
     profile35b) run profile35b python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
                   --batch 1 --output "$LOGS/profile35b.json" ;;

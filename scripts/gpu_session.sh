@@ -37,6 +37,10 @@ for stage in "$@"; do
     kernels-new) run kernels-new python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
                    tests/test_fused_moe_gpu.py tests/test_paged_attention_gpu.py tests/test_qk_norm_rope_gpu.py \
                    tests/test_skinny_gemm.py ;;
+    engine-hf) run engine-hf python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
+                 -k transformers ;;
+    kernels-rest) run kernels-rest python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
+                    tests/test_qk_norm_rope_gpu.py tests/test_skinny_gemm.py ;;
     engine) run engine python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py ;;
     profile35b) run profile35b python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
                   --batch 1 --output "$LOGS/profile35b.json" ;;
@@ -58,8 +62,8 @@ for stage in "$@"; do
              --no-weights --out /tmp/m35cfg ;;
     ab-serial|ab-dual)  # <strategy> vs fused through live servers, interleaved trials, CIs + equivalence
       run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35cfg --a "--load-format dummy --inproj ${stage#ab-}" \
-        --b "--load-format dummy --inproj fused" --trials ${TRIALS:-2} --concurrency 1,2,4,8,16 --max-tokens 128 \
-        --repeats 2 --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 --output "$LOGS/$stage" ;;
+        --b "--load-format dummy --inproj fused" --trials ${TRIALS:-3} --concurrency 1,2,4,8,16 --max-tokens ${AB_TOKENS:-64} \
+        --repeats 1 --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 --output "$LOGS/$stage" ;;
     startup35b) run startup35b python3 -m deltaserve.cli bench startup /tmp/m35cfg --load-format dummy --cold --runs 1 \
                   --output "$LOGS/startup35b.json" ;;
     ttft35b)  # one server, 30 sequential streamed requests of ~30-token prompts (chat template included)

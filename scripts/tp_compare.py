@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import subprocess
 import sys
 import tempfile
+import time
 
 
 def _run(model: str, tp: int, args: argparse.Namespace) -> dict:
@@ -30,6 +32,7 @@ def _run(model: str, tp: int, args: argparse.Namespace) -> dict:
     prompts = [[rng.randrange(10, vocab) for _ in range(rng.choice([7, 19, 33, 64]))] for _ in range(args.prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, logprobs=0)
     outs = llm.generate(prompts, params)
+    logging.getLogger("tp_compare").info("tp=%d: generated; shutting down", tp)
     llm.shutdown()
     return {"tp": tp, "tokens": [o.token_ids for o in outs],
             "logprobs": [[_chosen(lp) for lp in (o.logprobs or [])] for o in outs]}
@@ -52,11 +55,14 @@ def main() -> int:
     p.add_argument("--output", default=None)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker is not None:  # one tensor-parallel size, in this process
+    if args.worker is not None:  # one tensor-parallel size, in this process; its log on stderr
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         print(json.dumps(_run(args.model, args.worker, args)))
         return 0
     results = {}
+    t0 = time.perf_counter()
     for tp in (1, args.tp):
+        print(f"[{time.perf_counter() - t0:6.1f} s] tp={tp}: starting", file=sys.stderr, flush=True)
         with tempfile.TemporaryFile("w+") as out:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", str(tp)]
             rc = subprocess.run(cmd, stdout=out).returncode
@@ -65,6 +71,7 @@ def main() -> int:
                 return 1
             out.seek(0)
             results[tp] = json.loads(out.read().strip().splitlines()[-1])
+        print(f"[{time.perf_counter() - t0:6.1f} s] tp={tp}: done", file=sys.stderr, flush=True)
     a, b = results[1], results[args.tp]
     rows = []
     for i, (ta, tb) in enumerate(zip(a["tokens"], b["tokens"])):

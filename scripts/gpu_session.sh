@@ -8,6 +8,8 @@
 #   bash scripts/gpu_session.sh tp-make tp-compare tp-offline35b pack
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; LOGS=${LOGS:-/tmp/gs-logs}; mkdir -p "$OUT" "$LOGS"
+# The device's copy of the tree has no usable git history: the caller leaves the commit in .wheels/COMMIT.
+[ -f .wheels/COMMIT ] && export DELTASERVE_COMMIT="$(cat .wheels/COMMIT)"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ "${1:-}" = setup ]; then
   python3 -m pip install -q --no-index --find-links .wheels fla-core fastapi uvicorn pydantic prometheus_client \

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import datetime
 import platform
+import os
 import subprocess
 import sys
 
 
 def git_commit() -> str:
+    """The checkout's commit (``-dirty`` with local edits); ``DELTASERVE_COMMIT`` overrides it, for copies
+    of the tree without their git history (the GPU machine)."""
+    if os.environ.get("DELTASERVE_COMMIT"):
+        return os.environ["DELTASERVE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=__file__.rsplit("/deltaserve/", 1)[0])

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +172,28 @@ def test_startup_smoke(model_dir, tmp_path):
     assert 0 < run["health_s"] < run["first_token_s"]
     assert run["exit_status"] == 0 and run["compiled_graphs"] is None  # no --compile
     assert report["summary"]["health_s"]["n"] == 1
+
+
+def test_a_terminated_benchmark_takes_its_servers_down(model_dir, tmp_path):
+    """Servers run in their own sessions, so `timeout` stopping a benchmark does not reach them: the
+    benchmark kills them itself (one left behind held 126 GB of an H200 and broke the next runs)."""
+    script = (
+        "import sys, time\n"
+        "from deltaserve.bench.startup import ServerProcess\n"
+        f"s = ServerProcess({str(model_dir)!r}, [], {str(tmp_path / 'server.log')!r})\n"
+        "print(s.proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    bench_proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(bench_proc.stdout.readline())
+    os.kill(server_pid, 0)  # alive
+    bench_proc.send_signal(signal.SIGTERM)
+    assert bench_proc.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"server {server_pid} outlived the benchmark")

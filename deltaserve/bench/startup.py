@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_LIVE: set[ServerProcess] = set()  # servers started and not yet stopped, killed if the benchmark dies
+
+
+def _kill_live_servers() -> None:
+    for server in list(_LIVE):
+        server.kill()
+
+
+def _sigterm_unwinds(signum, frame) -> None:
+    _kill_live_servers()  # at once: whoever sent SIGTERM will not wait for a graceful drain
+    raise SystemExit(128 + signum)
+
+
+def _guard_servers() -> None:
+    """Servers run in their own sessions (so a stuck one can be killed with its TP workers), which also
+    means a signal to the benchmark's group does not reach them: a benchmark stopped by ``timeout`` or
+    Ctrl-C must kill them itself, or they keep their GPU memory after it is gone."""
+    if getattr(_guard_servers, "done", False):
+        return
+    atexit.register(_kill_live_servers)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_unwinds)
+    _guard_servers.done = True
+
+
 class ServerProcess:
     """One ``deltaserve serve`` subprocess, its own process group, its output in ``log_path``."""
 
@@ -61,8 +88,20 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.t_start = time.perf_counter()
         # A new session: if SIGTERM is not enough, the whole group (TP workers too) can be killed.
+        _guard_servers()
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        _LIVE.add(self)
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole group (TP workers included) at once."""
+        _LIVE.discard(self)
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -95,6 +134,7 @@ class ServerProcess:
             self.proc.wait()
             status = "killed"
         self._log.close()
+        _LIVE.discard(self)
         return status
 
     def compiled_graphs(self) -> int | None:

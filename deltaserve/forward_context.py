@@ -73,6 +73,23 @@ class PrefillView:
     block_tables: torch.Tensor  # [P, max_blocks]
     has_initial_state: torch.Tensor  # [P] bool
 
+    @cached_property
+    def cu_seqlens_long(self) -> torch.Tensor:
+        """``query_start_loc`` as int64, one tensor for every GDN layer of the step (fla caches per tensor)."""
+        return self.query_start_loc.long()
+
+    @cached_property
+    def chunk_indices(self) -> torch.Tensor:
+        """fla's ``[num_chunks, 2]`` (sequence, chunk-in-sequence) table for 64-token chunks, built once per
+        step from the host copy of the offsets. Left to fla, every GDN layer rebuilds it from the device
+        offsets, a device-to-host read that stalls the CPU until the GPU has caught up, 30 times a step."""
+        lens = torch.diff(self.query_start_loc_cpu.long())
+        chunks = (lens + 63) // 64
+        seq = torch.repeat_interleave(torch.arange(len(chunks)), chunks)
+        first = torch.repeat_interleave(torch.cumsum(chunks, 0) - chunks, chunks)
+        table = torch.stack([seq, torch.arange(int(chunks.sum())) - first], 1)
+        return table.to(self.query_start_loc.device, non_blocking=True)
+
 
 _current: BatchMeta | None = None
 

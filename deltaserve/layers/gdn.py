@@ -179,7 +179,7 @@ def _prefill(gdn: GatedDeltaNet, qkv, b, a, pv) -> torch.Tensor:
         x = causal_conv1d_prefill(qkv, w, pv.query_start_loc, pv.context_lens, gdn.conv_state, pv.state_slots)
         q, k, v = _split_heads(gdn, x)
         return gdn_prefill(q, k, v, a, b, gdn.A_log, gdn.dt_bias, gdn.ssm_state, pv.state_slots,
-                           pv.has_initial_state, pv.query_start_loc)
+                           pv.has_initial_state, pv.cu_seqlens_long, chunk_indices=pv.chunk_indices)
     x = causal_conv1d_ref(qkv, w, pv.query_start_loc_cpu, pv.context_lens_cpu, gdn.conv_state, pv.state_slots)
     q, k, v = _split_heads(gdn, x)
     return gdn_prefill_ref(q, k, v, a, b, gdn.A_log, gdn.dt_bias, gdn.ssm_state, pv.state_slots,

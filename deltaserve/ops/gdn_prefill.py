@@ -61,12 +61,15 @@ def gdn_prefill(
     has_initial_state: torch.Tensor,
     cu_seqlens: torch.Tensor,
     scale: float | None = None,
+    chunk_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunked gated delta rule for a packed varlen batch on the GPU (fla-core), states in place.
 
     q, k: ``[T, Hk, Dk]``, v: ``[T, Hv, Dv]`` (post-conv); a, b: ``[T, Hv]`` raw gates; A_log,
     dt_bias: ``[Hv]``; ssm_states: ``[S, Hv, Dk, Dv]`` pool (fp32 or bf16); state_indices,
-    has_initial_state: ``[N]``; cu_seqlens: ``[N + 1]``. Returns ``o [T, Hv, Dv]`` in q's dtype.
+    has_initial_state: ``[N]``; cu_seqlens: ``[N + 1]``; chunk_indices: fla's 64-token chunk table
+    for ``cu_seqlens`` (pass one per step, see ``PrefillView.chunk_indices``; None: fla builds it,
+    reading ``cu_seqlens`` back to the host). Returns ``o [T, Hv, Dv]`` in q's dtype.
     """
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # GPU-only dependency
 
@@ -80,6 +83,7 @@ def gdn_prefill(
         output_final_state=True,
         use_qk_l2norm_in_kernel=True,
         cu_seqlens=cu_seqlens.long(),
+        chunk_indices=chunk_indices,
     )
     ssm_states.index_copy_(0, idx, final.to(ssm_states.dtype))  # fla returns fp32 final states
     return o[0]

@@ -49,6 +49,10 @@ class EngineConfig:
     inproj: str = _f("auto", "GDN input projection: serial (two GEMMs), dual (ba GEMM on a second CUDA stream), "
                              "fused (one GEMM), auto (measured per token count at start-up; fused on CPU).",
                      choices=list(STRATEGIES))
+    moe_router: str = _f("kernel", "MoE router on the GPU: kernel (one fused launch: gate GEMV, softmax, top-k, "
+                                   "shared-expert gate) or gemm (a cuBLAS GEMM for the logits, then a top-k "
+                                   "launch; logits rounded to the model dtype as in transformers).",
+                         choices=["kernel", "gemm"])
     enforce_eager: bool = _f(False, "Never use CUDA graphs.")
     compile: bool = _f(False, "torch.compile each decoder layer (regional compilation).")
     layer_arg: str = _f("auto", "How custom ops name their layer: opaque (one compiled graph shared by all layers "
@@ -79,6 +83,7 @@ class EngineConfig:
         self._check(self.kv_cache_memory > 0, "kv_cache_memory", self.kv_cache_memory, "use a positive byte count")
         self._check(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size,
                     "use 8, 16, 32, 64 or 128")
+        self._check(self.moe_router in ("kernel", "gemm"), "moe_router", self.moe_router, "use kernel or gemm")
         self._check(self.layer_arg in ("auto", "opaque", "string"), "layer_arg", self.layer_arg,
                     "use auto, opaque or string")
         if self.layer_arg == "opaque":

@@ -194,3 +194,19 @@ def test_missing_shared_expert_tensor_is_reported(checkpoints, tmp_path, missing
     param = "down_proj" if missing == "down_proj" else "gate_up_proj"
     with pytest.raises(CheckpointError, match=rf"model\.layers\.1\.mlp\.experts\.{param}"):
         load_model(tmp_path / "ckpt", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_5_moe", "qwen3_next"])
+def test_gemm_router_matches_transformers(checkpoints, kind):
+    """``--moe-router gemm``: logits from one GEMM over [gate; shared gate] (folded shared expert) or the gate
+    alone (Qwen3-Next's wider shared expert), then the top-k step -- the same model function."""
+    hf, d = checkpoints[kind]
+    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    model = load_model(d, dtype=torch.float32)
+    model.set_moe_router("gemm")
+    moe = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "router_weight"))
+    assert moe.router == "gemm" and moe.router_weight.shape[0] == moe.gate.weight.shape[0] + moe.fold_shared
+    _, ours = Runner(model).prefill(ids)
+    assert rel(ours, _hf_logits(hf, ids)) < 1e-4
+    with pytest.raises(ValueError, match="must be one of"):
+        model.set_moe_router("fast")

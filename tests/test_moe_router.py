@@ -158,3 +158,43 @@ def test_router_empty_batch(kernel_device):
     weights, ids = moe_router(torch.empty(0, H, device=kernel_device), w_gate.to(kernel_device), 2, True,
                               w_shared.to(kernel_device), force_triton=True)
     assert weights.shape == ids.shape == (0, 3)
+
+
+# --------------------------------------------------------------------------- the two-launch router
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [1, 3, 17])
+@pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (64, 8)])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_logits_kernel_matches_reference(kernel_device, poisoned_workspaces, T, E, k, shared, renormalize):
+    """The per-token top-k launch of ``--moe-router gemm`` == ``moe_route`` + the shared slot."""
+    g = torch.Generator().manual_seed(T * 100 + E + k)
+    logits = torch.randn(T, E + shared, generator=g).to(kernel_device)
+    got_w, got_ids = mr.moe_route_logits(logits, k, renormalize, shared, force_triton=True)
+    want_w, want_ids = mr.moe_route_logits(logits.cpu(), k, renormalize, shared)  # the reference path
+    assert got_ids.cpu().tolist() == want_ids.tolist()
+    torch.testing.assert_close(got_w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+    if shared:
+        assert (got_ids[:, k] == E).all()
+        torch.testing.assert_close(got_w[:, k].cpu(), torch.sigmoid(logits[:, E].cpu()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_route_logits_reference_equals_the_fused_router_reference(shared):
+    """Logits from ``[w_gate; w_shared_gate]`` through ``moe_route_logits`` == ``moe_router_ref``."""
+    w_gate, w_shared = gate_weights(16, shared)
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(1))
+    w = torch.cat([w_gate, w_shared]) if shared else w_gate
+    got = mr.moe_route_logits(x @ w.t(), 4, True, shared)
+    want = moe_router_ref(x, w_gate, 4, True, w_shared)
+    assert got[1].tolist() == want[1].tolist()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+
+
+def test_route_logits_rejects_bad_input():
+    with pytest.raises(ValueError, match="top_k must be in"):
+        mr.moe_route_logits(torch.zeros(2, 5), 5, True, True)  # E = 4 with the shared column
+    with pytest.raises(ValueError, match="logits must be"):
+        mr.moe_route_logits(torch.zeros(5), 1, True, False)

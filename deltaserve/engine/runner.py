@@ -43,6 +43,7 @@ class ModelRunner:
         self.plan = InProjPlan(cfg.inproj if on_gpu or cfg.inproj != "auto" else "fused")
         with layer_arg_mode(cfg.layer_arg):
             self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
+        self.model.set_moe_router(cfg.moe_router)
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

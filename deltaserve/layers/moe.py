@@ -15,6 +15,7 @@ all-reduce the block already ends with.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltaserve.distributed import all_reduce, divide, tp_rank, tp_size
@@ -74,6 +75,9 @@ class Experts(nn.Module):
         param.data[shard[0]] = loaded[:, c]
 
 
+ROUTERS = ("kernel", "gemm")
+
+
 class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -85,11 +89,27 @@ class SparseMoE(nn.Module):
         if not self.fold_shared:
             self.shared_expert = SwiGLU(H, cfg.shared_expert_intermediate_size, reduce=False)
         self.shared_expert_gate = ReplicatedLinear(H, 1)
+        self.router = "kernel"
+        self.router_weight: torch.Tensor | None = None  # [E (+1), H], only for router="gemm"
+
+    def set_router(self, impl: str) -> None:
+        """``kernel``: the fused router launch (``ops/moe_router.moe_router``). ``gemm``: one GEMM over
+        ``[w_gate; w_shared_gate]`` -- concatenated here once, after loading: one extra expert row of
+        memory -- then the per-token top-k launch (``moe_route_logits``)."""
+        if impl not in ROUTERS:
+            raise ValueError(f"MoE router {impl!r} must be one of {ROUTERS}")
+        self.router = impl
+        rows = [self.gate.weight] + ([self.shared_expert_gate.weight] if self.fold_shared else [])
+        self.router_weight = torch.cat(rows) if impl == "gemm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared_gate = self.shared_expert_gate.weight if self.fold_shared else None
-        weights, ids = torch.ops.deltaserve.moe_router(x, self.gate.weight, shared_gate, self.top_k,
-                                                       self.renormalize)  # [T, k (+1)] each
+        if self.router == "gemm":
+            weights, ids = torch.ops.deltaserve.moe_route_logits(F.linear(x, self.router_weight), self.top_k,
+                                                                 self.renormalize, self.fold_shared)
+        else:
+            weights, ids = torch.ops.deltaserve.moe_router(x, self.gate.weight, shared_gate, self.top_k,
+                                                           self.renormalize)  # [T, k (+1)] each
         out = torch.ops.deltaserve.moe_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         if not self.fold_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -109,6 +129,21 @@ def moe_router_op(x: torch.Tensor, w_gate: torch.Tensor, w_shared_gate: torch.Te
 def _(x, w_gate, w_shared_gate, top_k, renormalize):
     k = top_k + (w_shared_gate is not None)
     return x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int32)
+
+
+@torch.library.custom_op("deltaserve::moe_route_logits", mutates_args=())
+def moe_route_logits_op(logits: torch.Tensor, top_k: int, renormalize: bool,
+                        has_shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from deltaserve.ops.moe_router import moe_route_logits
+
+    return moe_route_logits(logits, top_k, renormalize, has_shared)
+
+
+@moe_route_logits_op.register_fake
+def _(logits, top_k, renormalize, has_shared):
+    k = top_k + has_shared
+    return (logits.new_empty(logits.shape[0], k, dtype=torch.float32),
+            logits.new_empty(logits.shape[0], k, dtype=torch.int32))
 
 
 @torch.library.custom_op("deltaserve::moe_experts", mutates_args=())

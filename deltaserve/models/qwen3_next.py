@@ -122,6 +122,12 @@ class Qwen3NextForCausalLM(nn.Module):
                 return name[: -len(suffix)] + target, shard
         return name, None
 
+    def set_moe_router(self, impl: str) -> None:
+        """Every sparse-MoE block routes with ``impl`` ("kernel" or "gemm"; see ``SparseMoE.set_router``)."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.set_router(impl)
+
     def gdn_layers(self) -> list[GatedDeltaNet]:
         return [layer.linear_attn for layer in self.model.layers if layer.is_gdn]
 

@@ -290,3 +290,79 @@ def moe_router(
         num_stages=cfg.num_stages,
     )  # fmt: skip
     return weights, ids
+
+
+# -- the two-launch alternative: logits from a GEMM (cuBLAS), then a per-token top-k kernel -------------
+#
+# ``moe_router`` fuses the gate GEMV into its launch; this path leaves the logits to one cuBLAS GEMM over
+# ``[w_gate; w_shared_gate]`` and runs only the softmax / top-k / renormalise / shared-gate epilogue in
+# Triton, one program per token over a 1-D row of E logits. Two launches instead of one, each simple;
+# the logits are rounded to the model dtype first, as transformers' router does. Which is faster is a
+# measurement (``--moe-router``).
+
+if triton is not None:
+
+    @triton.jit
+    def _route_logits_kernel(
+        logits_ptr, weights_ptr, ids_ptr, stride_t,
+        E: tl.constexpr, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, RENORM: tl.constexpr,
+        E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    ):  # fmt: skip
+        """Grid (T,). logits row ``[E (+1)]``: column E is the shared gate's logit when HAS_SHARED."""
+        K_OUT: tl.constexpr = TOP_K + HAS_SHARED
+        t = tl.program_id(0).to(tl.int64)
+        row = logits_ptr + t * stride_t
+        offs_e = tl.arange(0, E_PAD)
+        logits = tl.load(row + offs_e, mask=offs_e < E, other=float("-inf")).to(tl.float32)
+        mx = tl.max(logits, axis=0)
+        denom = tl.sum(tl.exp(logits - mx), axis=0)
+        offs_j = tl.arange(0, K_PAD)
+        w_out = tl.zeros([K_PAD], dtype=tl.float32)
+        id_out = tl.zeros([K_PAD], dtype=tl.int32)
+        for j in tl.static_range(TOP_K):  # iterative max; the lowest index wins a tie
+            best, idx = tl.max(logits, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            w_out = tl.where(offs_j == j, tl.exp(best - mx) / denom, w_out)
+            id_out = tl.where(offs_j == j, idx.to(tl.int32), id_out)
+            logits = tl.where(offs_e == idx, float("-inf"), logits)
+        if RENORM:
+            w_out = w_out / tl.sum(w_out, axis=0)
+        if HAS_SHARED:
+            g = tl.load(row + E).to(tl.float32)
+            w_out = tl.where(offs_j == TOP_K, tl.sigmoid(g), w_out)
+            id_out = tl.where(offs_j == TOP_K, E, id_out)
+        ok = offs_j < K_OUT
+        tl.store(weights_ptr + t * K_OUT + offs_j, w_out, mask=ok)
+        tl.store(ids_ptr + t * K_OUT + offs_j, id_out, mask=ok)
+
+
+def moe_route_logits(logits: torch.Tensor, top_k: int, renormalize: bool, has_shared: bool, *,
+                     force_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits ``[T, E (+1)]`` (the last column: the shared gate's logit when ``has_shared``) ->
+    ``(topk_weights [T, k'] float32, topk_ids [T, k'] int32)``, the same slots as :func:`moe_router`.
+
+    On CUDA (or with ``force_triton``) one Triton launch; else ``moe_route`` plus the shared slot.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, E (+1)]; got {tuple(logits.shape)}")
+    T, E = logits.shape[0], logits.shape[1] - has_shared
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, E={E}]; got {top_k}")
+    if not (logits.is_cuda or force_triton) or triton is None:
+        weights, ids = moe_route(logits[:, :E], top_k, renormalize)
+        if not has_shared:
+            return weights, ids
+        shared_w = torch.sigmoid(logits[:, E:].float())
+        return torch.cat([weights, shared_w], 1), torch.cat([ids, torch.full_like(ids[:, :1], E)], 1)
+    k_out = top_k + has_shared
+    weights = _empty(T, k_out, dtype=torch.float32, device=logits.device)
+    ids = _empty(T, k_out, dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return weights, ids
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    _route_logits_kernel[(T,)](
+        logits, weights, ids, logits.stride(0),
+        E=E, TOP_K=top_k, HAS_SHARED=has_shared, RENORM=renormalize,
+        E_PAD=triton.next_power_of_2(E), K_PAD=triton.next_power_of_2(k_out),
+        num_warps=4 if E > 128 else 1,
+    )  # fmt: skip
+    return weights, ids

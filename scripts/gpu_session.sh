@@ -46,6 +46,8 @@ for stage in "$@"; do
     engine) run engine python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py ;;
     profile35b) run profile35b python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
                   --batch 1 --output "$LOGS/profile35b.json" ;;
+    profile35b-prefill) run profile35b-prefill python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b \
+                  ${LAYERS35:+--layers $LAYERS35} --prefill-tokens 30 --steps 5 --output "$LOGS/profile35b-prefill.json" ;;
     profile9b) run profile9b python3 -m deltaserve.cli bench profile --preset qwen3.5-9b --batch 1 --output "$LOGS/profile9b.json" ;;
     compile35b-*) # compile35b-<opaque|string>-<layers>: start-up time and compiled graphs at that depth
       IFS=- read -r _ mode nl <<< "$stage"

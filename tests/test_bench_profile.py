@@ -31,3 +31,12 @@ def test_profile_runs_on_the_demo_model(tmp_path, capsys):
     assert {"gemm (linear layers)", "gdn (conv + delta rule)", "attention", "norms + activation"} <= classes
     assert data["kernel_us_per_step"] > 0
     assert "kernels/step" in capsys.readouterr().out
+
+
+def test_prefill_profile_on_the_demo_model(tmp_path, capsys):
+    out = tmp_path / "prefill.json"
+    assert main(["bench", "profile", "--prefill-tokens", "30", "--steps", "2", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["prefill_tokens"] == 30 and data["wall_ms_per_step"] > 0 and data["kernel_us_per_step"] > 0
+    assert all(r["bytes"] is None for r in data["rows"])
+    assert "prefill steps of one fresh 30-token prompt" in capsys.readouterr().out

@@ -1,5 +1,9 @@
 """``bench profile``: where one decode step's time goes, per op class, against the bytes it must move.
 
+``--prefill-tokens N`` profiles prefill steps instead (one fresh N-token prompt each, to its first
+token: the engine's share of TTFT); the wall time per step, measured unprofiled, against the kernel
+time shows how much of it is host-side.
+
 Runs ``--batch`` requests into steady decode, then profiles ``--steps`` decode steps eagerly (no CUDA
 graphs, so every kernel is visible; kernel durations are the same inside a graph, the launch gaps are
 not). Kernels are grouped by name into classes; each class's time per step is set against the bytes
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from collections import defaultdict
 
 from deltaserve.bench.env import environment, format_environment
@@ -61,6 +66,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="with --preset: override the layer count")
     p.add_argument("--batch", type=int, default=1, help="decoding requests in the profiled steps")
     p.add_argument("--steps", type=int, default=5, help="decode steps profiled")
+    p.add_argument("--prefill-tokens", type=int, default=0,
+                   help="profile prefill steps instead: each admits one fresh prompt of this many tokens and "
+                        "returns its first token (the engine's part of TTFT)")
     p.add_argument("--top", type=int, default=30, help="list this many kernels (by total time) by name")
     p.add_argument("--output", default=None, help="write the breakdown as JSON here")
 
@@ -80,18 +88,38 @@ def main(args: argparse.Namespace) -> int:
     cfg = EngineConfig.from_cli_args(args)
     cfg.max_num_seqs = max(cfg.max_num_seqs, args.batch)
     engine = LLMEngine(cfg)
-    params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request(engine.make_request([10 + i] * 16, params))
-    for _ in range(4):  # prefill, then a few decode steps to warm every kernel
-        engine.step()
     on_gpu = engine.runner.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    if args.prefill_tokens:
+        # One step = one fresh request of --prefill-tokens distinct tokens, prefilled whole and finished
+        # with its first token: the server-side core of TTFT.
+        first_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        counter = iter(range(10**9))
+        vocab = min(engine.model_config.vocab_size, engine.tokenizer.vocab_size) - 10
+
+        def step() -> None:
+            i = next(counter)
+            prompt = [10 + (7919 * i + 31 * j) % vocab for j in range(args.prefill_tokens)]
+            engine.add_request(engine.make_request(prompt, first_token))
+            engine.step()
+    else:
+        params = SamplingParams(temperature=0, max_tokens=10**6, ignore_eos=True)
+        for i in range(args.batch):
+            engine.add_request(engine.make_request([10 + i] * 16, params))
+        step = engine.step
+    for _ in range(4):  # warm every kernel (and, for decode, get the batch past its prefill)
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    wall_ms = 1e3 * (time.perf_counter() - t0) / args.steps  # unprofiled
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=acts) as prof:
         for _ in range(args.steps):
-            engine.step()
-        if on_gpu:
-            torch.cuda.synchronize()
+            step()
+        sync()
     times: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # kernel name -> [count, us], all steps
@@ -116,11 +144,16 @@ def main(args: argparse.Namespace) -> int:
         expert_bytes += mc.mlp_types.count("moe") * 3 * mc.hidden_size * mc.shared_expert_intermediate_size * dt
     class_bytes = {"gemm (linear layers)": b.weights - expert_bytes, "moe experts": expert_bytes,
                    "gdn (conv + delta rule)": b.state, "attention": b.kv}
+    if args.prefill_tokens:
+        class_bytes = {}  # the byte model is the decode step's
     total = sum(times.values())
     env = environment()
     print(format_environment(env))
-    print(f"{mc.architecture}, {mc.num_hidden_layers} layers, batch {args.batch}, {args.steps} eager decode steps "
-          f"profiled; kernel time per step {total / 1e3:.3f} ms")
+    what = (f"{args.steps} prefill steps of one fresh {args.prefill_tokens}-token prompt" if args.prefill_tokens
+            else f"batch {args.batch}, {args.steps} eager decode steps")
+    print(f"{mc.architecture}, {mc.num_hidden_layers} layers, {what} profiled; "
+          f"{'kernel' if on_gpu else 'top-level op'} time per step {total / 1e3:.3f} ms, "
+          f"wall time per step {wall_ms:.3f} ms (unprofiled)")
     print(f"{'class':<24} {'kernels/step':>12} {'us/step':>9} {'share':>6} {'GB/step':>8} {'GB/s':>7}")
     rows = []
     for cls in sorted(times, key=times.get, reverse=True):
@@ -137,6 +170,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{k['per_step']:>6.1f} {k['us_per_step']:>9.1f} {k['us_each']:>7.2f}  {k['name'][:110]}")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"environment": env, "batch": args.batch, "rows": rows, "kernel_us_per_step": total,
+            json.dump({"environment": env, "batch": args.batch, "prefill_tokens": args.prefill_tokens,
+                       "wall_ms_per_step": wall_ms, "rows": rows, "kernel_us_per_step": total,
                        "kernels": kernels}, f, indent=2)
     return 0

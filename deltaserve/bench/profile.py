@@ -73,14 +73,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="write the breakdown as JSON here")
 
 
+def _decode_class_bytes(mc, batch: int, dt: int, state_dt: int) -> dict[str, float]:
+    """Bytes one decode step must move per op class (``bench/roofline.py``'s model)."""
+    from deltaserve.bench.roofline import decode_step_bytes, param_counts
+    from deltaserve.layers.moe import folds_shared_expert
+
+    b = decode_step_bytes(mc, batch, 20, dt, state_dt)
+    c = param_counts(mc)
+    expert_bytes = b.weights - (c["gdn"] + c["attention"] + c["dense_mlp"] + c["moe_fixed"] + mc.vocab_size * mc.hidden_size) * dt
+    if mc.is_moe and folds_shared_expert(mc):  # the shared expert is read by the expert kernels
+        expert_bytes += mc.mlp_types.count("moe") * 3 * mc.hidden_size * mc.shared_expert_intermediate_size * dt
+    return {"gemm (linear layers)": b.weights - expert_bytes, "moe experts": expert_bytes,
+            "gdn (conv + delta rule)": b.state, "attention": b.kv}
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from deltaserve.bench.roofline import decode_step_bytes, param_counts
     from deltaserve.config import EngineConfig
     from deltaserve.engine.engine import LLMEngine
-    from deltaserve.layers.moe import folds_shared_expert
     from deltaserve.sampling import SamplingParams
 
     resolve_model(args)
@@ -137,15 +149,7 @@ def main(args: argparse.Namespace) -> int:
     for req_id in list(engine.requests):
         engine.abort(req_id)
     mc, dt = engine.model_config, engine.runner.dtype.itemsize
-    b = decode_step_bytes(mc, args.batch, 20, dt, cfg.torch_state_dtype.itemsize)
-    c = param_counts(mc)
-    expert_bytes = b.weights - (c["gdn"] + c["attention"] + c["dense_mlp"] + c["moe_fixed"] + mc.vocab_size * mc.hidden_size) * dt
-    if mc.is_moe and folds_shared_expert(mc):  # the shared expert is read by the expert kernels
-        expert_bytes += mc.mlp_types.count("moe") * 3 * mc.hidden_size * mc.shared_expert_intermediate_size * dt
-    class_bytes = {"gemm (linear layers)": b.weights - expert_bytes, "moe experts": expert_bytes,
-                   "gdn (conv + delta rule)": b.state, "attention": b.kv}
-    if args.prefill_tokens:
-        class_bytes = {}  # the byte model is the decode step's
+    class_bytes = {} if args.prefill_tokens else _decode_class_bytes(mc, args.batch, dt, cfg.torch_state_dtype.itemsize)
     total = sum(times.values())
     env = environment()
     print(format_environment(env))

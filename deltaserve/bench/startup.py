@@ -50,6 +50,7 @@ def free_port() -> int:
 
 
 _LIVE: set[ServerProcess] = set()  # servers started and not yet stopped, killed if the benchmark dies
+_guarded = False
 
 
 def _kill_live_servers() -> None:
@@ -66,12 +67,13 @@ def _guard_servers() -> None:
     """Servers run in their own sessions (so a stuck one can be killed with its TP workers), which also
     means a signal to the benchmark's group does not reach them: a benchmark stopped by ``timeout`` or
     Ctrl-C must kill them itself, or they keep their GPU memory after it is gone."""
-    if getattr(_guard_servers, "done", False):
+    global _guarded
+    if _guarded:
         return
     atexit.register(_kill_live_servers)
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm_unwinds)
-    _guard_servers.done = True
+    _guarded = True
 
 
 class ServerProcess:

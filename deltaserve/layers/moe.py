@@ -103,11 +103,11 @@ class SparseMoE(nn.Module):
         self.router_weight = torch.cat(rows) if impl == "gemm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared_gate = self.shared_expert_gate.weight if self.fold_shared else None
         if self.router == "gemm":
             weights, ids = torch.ops.deltaserve.moe_route_logits(F.linear(x, self.router_weight), self.top_k,
                                                                  self.renormalize, self.fold_shared)
         else:
+            shared_gate = self.shared_expert_gate.weight if self.fold_shared else None
             weights, ids = torch.ops.deltaserve.moe_router(x, self.gate.weight, shared_gate, self.top_k,
                                                            self.renormalize)  # [T, k (+1)] each
         out = torch.ops.deltaserve.moe_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)

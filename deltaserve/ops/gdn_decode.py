@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.ops.conv1d_triton import conv_decode_channels
+from deltaserve.ops.conv1d_triton import _check_index, conv_decode_channels
 
 # (BV, num_warps) picked by tune_gdn_decode_fused, keyed by (B, Hv, Dk, Dv, state dtype): the state
 # tile traffic, which is what the choice trades off, is the same for the plain and the fused kernel.
@@ -169,11 +169,6 @@ def _check_pool(name: str, pool: torch.Tensor, shape: tuple[int, ...], device: t
         raise ValueError(f"{name} must be a contiguous [S, {', '.join(map(str, shape))}]; got {tuple(pool.shape)}")
     if pool.device != device:
         raise ValueError(f"{name} is on {pool.device}, inputs on {device}")
-
-
-def _check_index(name: str, t: torch.Tensor, B: int) -> None:
-    if t.shape != (B,) or t.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be an int32/int64 tensor of shape [B={B}]; got {t.dtype} {tuple(t.shape)}")
 
 
 def gdn_decode(

@@ -48,6 +48,11 @@ for stage in "$@"; do
                   --batch 1 --output "$LOGS/profile35b.json" ;;
     profile35b-prefill) run profile35b-prefill python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b \
                   ${LAYERS35:+--layers $LAYERS35} --prefill-tokens 30 --steps 5 --output "$LOGS/profile35b-prefill.json" ;;
+    profile35b-host) run profile35b-host python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b \
+                  ${LAYERS35:+--layers $LAYERS35} --prefill-tokens 30 --steps 5 --cprofile 45 ;;
+    compile9b40-*) # compile9b40-<opaque|string>: --compile on 40 layers of the 9B's widths (fits an 80 GB card)
+      TORCH_LOGS=recompiles run "$stage" python3 -m deltaserve.cli bench offline --preset qwen3.5-9b --layers 40 \
+        --compile --layer-arg "${stage#compile9b40-}" --batch 1 --output-len 16 --max-num-seqs 4 --cuda-graph-sizes 1 ;;
     profile9b) run profile9b python3 -m deltaserve.cli bench profile --preset qwen3.5-9b --batch 1 --output "$LOGS/profile9b.json" ;;
     compile35b-*) # compile35b-<opaque|string>-<layers>: start-up time and compiled graphs at that depth
       IFS=- read -r _ mode nl <<< "$stage"

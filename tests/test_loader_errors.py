@@ -124,3 +124,19 @@ def test_no_weights_at_all_points_to_dummy(tmp_path):
         load_model(d, dtype=torch.float32)
     model = load_model(d, dtype=torch.float32, load_format="dummy")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_dummy_weights_never_pick_ids_the_tokenizer_cannot_decode(tmp_path):
+    # Real-shape presets keep their 248,320-id vocabulary next to the small demo tokenizer: random
+    # output rows past the tokenizer would make a greedy stream of undecodable ids (no text at all).
+    from deltaserve import LLM, SamplingParams
+    from deltaserve.models.loader import tokenizer_size
+
+    d = make_model("tiny", tmp_path, no_weights=True, _overrides={"vocab_size": 8192})
+    live = tokenizer_size(d)
+    assert live is not None and live < 8192
+    model = load_model(d, dtype=torch.float32, load_format="dummy")
+    assert model.lm_head.weight[live:].abs().sum() == 0 and model.lm_head.weight[:live].abs().sum() > 0
+    llm = LLM(str(d), device="cpu", load_format="dummy", dtype="float32", max_num_seqs=1, max_model_len=256)
+    out = llm.generate("Write a story about an owl.", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 16 and max(out.token_ids) < live and out.text

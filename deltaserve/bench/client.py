@@ -112,7 +112,8 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, payload: dict,
     if result.completion_tokens == 0:
         result.error = "the stream had no usage chunk with completion_tokens (stream_options.include_usage)"
     elif result.ttft_s is None:
-        result.error = "the stream carried no content"
+        result.error = (f"the stream carried no content: {result.completion_tokens} completion tokens decoded to no "
+                        "text (ids the tokenizer cannot decode or skips, e.g. a random model's padded vocabulary)")
     elif result.finish_reason == "abort":
         result.error = "the server aborted the request (finish_reason abort)"
     else:

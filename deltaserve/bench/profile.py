@@ -70,6 +70,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="profile prefill steps instead: each admits one fresh prompt of this many tokens and "
                         "returns its first token (the engine's part of TTFT)")
     p.add_argument("--top", type=int, default=30, help="list this many kernels (by total time) by name")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="also run the steps under cProfile and list the N Python functions with the most "
+                        "cumulative and own time: where the host side of a step goes")
     p.add_argument("--output", default=None, help="write the breakdown as JSON here")
 
 
@@ -85,6 +88,25 @@ def _decode_class_bytes(mc, batch: int, dt: int, state_dt: int) -> dict[str, flo
         expert_bytes += mc.mlp_types.count("moe") * 3 * mc.hidden_size * mc.shared_expert_intermediate_size * dt
     return {"gemm (linear layers)": b.weights - expert_bytes, "moe experts": expert_bytes,
             "gdn (conv + delta rule)": b.state, "attention": b.kv}
+
+
+def _host_profile(step, sync, steps: int, top: int) -> None:
+    """Run `steps` steps under cProfile; print the `top` functions by cumulative, then by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    sync()
+    prof.disable()
+    for order in ("cumulative", "tottime"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(top)
+        print(f"\nhost profile of {steps} steps (cProfile, by {order} time; seconds are for all {steps}):")
+        print(buf.getvalue().split("\n", 4)[-1].rstrip())  # drop pstats' header lines
 
 
 def main(args: argparse.Namespace) -> int:
@@ -127,6 +149,8 @@ def main(args: argparse.Namespace) -> int:
         step()
     sync()
     wall_ms = 1e3 * (time.perf_counter() - t0) / args.steps  # unprofiled
+    if args.cprofile:
+        _host_profile(step, sync, args.steps, args.cprofile)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=acts) as prof:
         for _ in range(args.steps):

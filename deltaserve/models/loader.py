@@ -124,11 +124,29 @@ def load_weights(model: Qwen3NextForCausalLM, model_dir: Path) -> None:
             raise CheckpointError(f"{model_dir}: no checkpoint tensor provides (all of) parameter {name!r}{got}")
 
 
-def fill_dummy(model: Qwen3NextForCausalLM, seed: int = 0) -> None:
-    """Small uniform random weights on the device: finite activations at any depth, ~uniform routing."""
+def fill_dummy(model: Qwen3NextForCausalLM, seed: int = 0, live_vocab: int | None = None) -> None:
+    """Small uniform random weights on the device: finite activations at any depth, ~uniform routing.
+
+    `live_vocab`: the tokenizer's size. Output-embedding rows past it are zeroed (as `make-model` does),
+    so that a random model never picks an id the tokenizer cannot decode: a real-shape vocabulary
+    (248,320) is far larger than the demo tokenizer, and a stream of undecodable ids carries no text.
+    """
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for p in model.parameters():
         p.data.uniform_(-1e-2, 1e-2, generator=gen)
+    if live_vocab is not None:
+        head = model.lm_head  # this rank's rows [start, start + per_rank) of the (padded) vocabulary
+        head.weight.data[max(0, live_vocab - head.start):].zero_()
+
+
+def tokenizer_size(model_dir: Path) -> int | None:
+    """Ids the tokenizer in `model_dir` can decode (added tokens included); None without tokenizer.json."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
 
 
 def load_model(
@@ -146,7 +164,7 @@ def load_model(
     model = build_model(cfg, dtype, torch.device(device), plan or InProjPlan("fused"))
     with torch.no_grad():
         if load_format == "dummy":
-            fill_dummy(model, seed)
+            fill_dummy(model, seed, tokenizer_size(model_dir))
         else:
             load_weights(model, model_dir)
     return model

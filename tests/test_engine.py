@@ -197,3 +197,24 @@ def test_repetition_penalty_changes_greedy_output(llm):
     pen = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
                                                 repetition_penalty=5.0))[0].token_ids
     assert len(set(pen)) >= len(set(plain))
+
+
+def test_start_up_warm_shapes_fit_the_limits_and_run(model_dir):
+    from deltaserve.engine.runner import warmup_batches
+
+    for seqs, tokens in ((1, 64), (4, 512), (16, 2048), (64, 8192)):
+        batches = warmup_batches(seqs, tokens, 16)
+        assert batches and all(len(b) <= seqs and sum(t for t, _ in b) <= tokens for b in batches)
+        for b in batches:  # decodes (one token with context) lead, and no prompt carries context
+            kinds = [t == 1 and c > 0 for t, c in b]
+            assert kinds == sorted(kinds, reverse=True) and all(c < 16 for _, c in b)
+    assert any(len(b) > 1 for b in warmup_batches(16, 2048, 16))
+    # The GPU runs these at start-up on throw-away caches; the same code runs on the CPU reference path.
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", max_num_seqs=16, max_num_batched_tokens=2048)
+    runner, seen = llm.engine.runner, []
+    forward = runner._forward
+    runner._forward = lambda seqs, sample_rows: seen.append(len(seqs)) or forward(seqs, sample_rows)
+    runner._warm_step_shapes(2048)
+    assert seen == [len(b) for b in warmup_batches(16, 2048, runner.block_size)]
+    assert all(layer.ssm_state is None for layer in runner.model.gdn_layers())  # the throw-away caches are let go
+    llm.shutdown()

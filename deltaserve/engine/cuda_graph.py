@@ -71,6 +71,16 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
 
+    def release(self) -> None:
+        """Drop the graphs and their memory pool. NCCL keeps a communicator whose kernels a live graph
+        holds from being destroyed (its destroy waits for the graph), so tensor-parallel ranks release
+        their graphs before they destroy the process group."""
+        torch.cuda.synchronize()
+        self.graphs.clear()
+        self.logits.clear()
+        self.pool = None
+        torch.cuda.synchronize()
+
     def _reset_padding(self, start: int) -> None:
         self.slot_mapping[start:].fill_(-1)
         self.state_slots[start:].fill_(self.scratch_slot)

@@ -31,6 +31,21 @@ logger = logging.getLogger(__name__)
 GiB = 2**30
 
 
+def warmup_batches(max_seqs: int, max_tokens: int, block_size: int) -> list[list[tuple[int, int]]]:
+    """Step shapes worth compiling before serving: each a list of ``(tokens this step, context)`` per
+    sequence, decodes (one token with context) first. Odd counts and multiples of 16, one and several
+    sequences, short prompts alone, in bursts and beside decodes, and one long prompt per token-count
+    bucket; each fits ``max_seqs`` and ``max_tokens``. Contexts stay within one block."""
+    d = (1, min(5, block_size - 1))  # a decode
+    shapes = [
+        [(27, 0)], [(32, 0)], [(7, 0)],
+        [d] * 3 + [(29, 0)], [d] * 2 + [(26, 0)] * 3,
+        [(26, 0)] * 8, [(27, 0)] * 16, [(16, 0)] * 4,
+        [(203, 0)], [(200, 0)] * 5, [(1001, 0)], [(1024, 0)], [(517, 0)] * 3, [(2047, 0)],
+    ]
+    return [b for b in shapes if len(b) <= max_seqs and sum(t for t, _ in b) <= max_tokens]
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_dir: str | Path):
         self.cfg = cfg
@@ -122,8 +137,38 @@ class ModelRunner:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         total = torch.cuda.get_device_properties(self.device).total_memory
+        self._warm_step_shapes(n)
         # Keep 0.5 GiB for CUDA graphs, sampler buffers and library workspaces.
         return int(total * self.cfg.gpu_memory_utilization) - peak - GiB // 2
+
+    def _warm_step_shapes(self, max_tokens: int) -> None:
+        """Run the step shapes of :func:`warmup_batches` once, on throw-away caches, so that their
+        kernels are compiled (and autotuned) at start-up rather than while a client waits: Triton
+        specialises on integer arguments (1, multiples of 16, other) and our kernels pick their tiles by
+        token-count bucket, so a first odd-sized burst of prompts used to stall its step by seconds."""
+        t0 = time.perf_counter()
+        batches = warmup_batches(self.cfg.max_num_seqs, max_tokens, self.block_size)
+        if not batches:
+            return
+        slots = max(len(b) for b in batches)
+        StateCache(self.model.gdn_layers(), slots, self.dtype, self.cfg.torch_state_dtype, self.device)
+        kv = KVCache(self.model.attention_layers(), -(-max_tokens // self.block_size) + slots, self.block_size,
+                     self.dtype, self.device)
+        for batch in batches:
+            seqs, next_block = [], 0
+            for slot, (tokens, context) in enumerate(batch):
+                nb = -(-(tokens + context) // self.block_size)
+                seqs.append(SeqInput([0] * tokens, context, slot, list(range(next_block, next_block + nb))))
+                next_block += nb
+            assert next_block <= kv.num_blocks
+            self._forward(seqs, sample_rows=list(range(len(seqs))))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        for layer in self.model.gdn_layers():
+            layer.conv_state = layer.ssm_state = None
+        for layer in self.model.attention_layers():
+            layer.k_cache = layer.v_cache = None
+        logger.info("warmed %d step shapes in %.1f s", len(batches), time.perf_counter() - t0)
 
     # -- one step -------------------------------------------------------------------------------------
     def _forward(self, seqs: list[SeqInput], sample_rows: list[int]) -> torch.Tensor:
@@ -163,4 +208,7 @@ class ModelRunner:
         return self.sample(scheduled, sample_rows, self.forward(seqs, sample_rows))
 
     def shutdown(self) -> None:
-        pass
+        """Release the decode graphs (a tensor-parallel rank must before it destroys its NCCL group)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None

@@ -80,6 +80,7 @@ def _worker(rank: int, cfg: EngineConfig, model_dir: str, port: int, parent: int
         while (msg := broadcast_object()) is not None:
             seqs, sample_rows = msg
             runner.forward(seqs, sample_rows)
+        runner.shutdown()  # graphs first: NCCL's destroy waits for graphs that hold its kernels
         shutdown_tp()
     except BaseException:
         errors.put((rank, traceback.format_exc()))
@@ -154,7 +155,10 @@ class TPExecutor:
         except Exception:  # a dead peer: nothing to tell
             alive = False
         # Destroy alongside the workers (NCCL's destroy is collective), then reap them. With a peer
-        # gone there is nobody to destroy with: the group is abandoned after a short wait.
+        # gone there is nobody to destroy with: the group is abandoned after a short wait. The decode
+        # graphs go first: NCCL's destroy waits for every graph that holds its kernels.
+        if "runner" in self.__dict__:
+            self.runner.shutdown()
         shutdown_tp(timeout=30.0 if alive else 1.0)
         for w in self.workers:
             w.join(timeout=10)

@@ -49,9 +49,10 @@ class EngineConfig:
     inproj: str = _f("auto", "GDN input projection: serial (two GEMMs), dual (ba GEMM on a second CUDA stream), "
                              "fused (one GEMM), auto (measured per token count at start-up; fused on CPU).",
                      choices=list(STRATEGIES))
-    moe_router: str = _f("kernel", "MoE router on the GPU: kernel (one fused launch: gate GEMV, softmax, top-k, "
-                                   "shared-expert gate) or gemm (a cuBLAS GEMM for the logits, then a top-k "
-                                   "launch; logits rounded to the model dtype as in transformers).",
+    moe_router: str = _f("gemm", "MoE router on the GPU: gemm (a cuBLAS GEMM for the logits, then a top-k "
+                                 "launch; logits rounded to the model dtype as in transformers; the faster one "
+                                 "measured) or kernel (one fused launch: gate GEMV, softmax, top-k, shared-expert "
+                                 "gate).",
                          choices=["kernel", "gemm"])
     enforce_eager: bool = _f(False, "Never use CUDA graphs.")
     compile: bool = _f(False, "torch.compile each decoder layer (regional compilation).")

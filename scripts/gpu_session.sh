@@ -71,8 +71,8 @@ for stage in "$@"; do
              --no-weights --out /tmp/m35cfg ;;
     ab-serial|ab-dual)  # <strategy> vs fused through live servers, interleaved trials, CIs + equivalence
       run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35cfg --a "--load-format dummy --max-num-seqs 16 --inproj ${stage#ab-}" \
-        --b "--load-format dummy --max-num-seqs 16 --inproj fused" --trials ${TRIALS:-3} --concurrency 1,2,4,8,16 --max-tokens ${AB_TOKENS:-64} \
-        --repeats 1 --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 --output "$LOGS/$stage" ;;
+        --b "--load-format dummy --max-num-seqs 16 --inproj fused" --trials ${TRIALS:-3} --concurrency 1,2,4,8,16 --max-tokens ${AB_TOKENS:-256} \
+        --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 --output "$LOGS/$stage" ;;
     startup35b) run startup35b python3 -m deltaserve.cli bench startup /tmp/m35cfg --load-format dummy --cold --runs 1 \
                   --output "$LOGS/startup35b.json" ;;
     ttft35b)  # one server, 30 sequential streamed requests of ~30-token prompts (chat template included)

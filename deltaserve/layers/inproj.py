@@ -21,13 +21,13 @@ import bisect
 import torch
 import torch.nn.functional as F
 
-from deltaserve.layers.layer_ref import LayerRef, define_layer_op, layer_op
+from deltaserve.layers.layer_ref import CompileOp, LayerRef, define_layer_op, layer_op
 
 STRATEGIES = ("serial", "dual", "fused", "auto")  # what a user may ask for
 FUSED_GEMV = "fused_gemv"  # fused, by the skinny-GEMM kernel: only ``auto`` picks it, for <= 16 tokens
 
 
-@torch.library.custom_op("deltaserve::skinny_linear", mutates_args=())
+@CompileOp.define("deltaserve::skinny_linear")
 def skinny_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from deltaserve.ops.skinny_gemm import skinny_linear
 
@@ -100,7 +100,7 @@ class InProjPlan:
 def project(x: torch.Tensor, weight: torch.Tensor, qkvz_size: int, strategy: str, arg) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [T, H]`` -> ``(qkvz [T, 2k+2v], ba [T, 2Hv])`` using ``strategy``."""
     if strategy == FUSED_GEMV and x.is_cuda and x.shape[0] <= 16:
-        y = torch.ops.deltaserve.skinny_linear(x, weight)  # the same one GEMM, by our decode kernel
+        y = skinny_linear_op(x, weight)  # the same one GEMM, by our decode kernel
         return y[:, :qkvz_size], y[:, qkvz_size:]
     if strategy in ("fused", FUSED_GEMV):
         y = F.linear(x, weight)  # [T, 2k+2v+2Hv]: one GEMM

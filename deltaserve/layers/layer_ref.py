@@ -111,6 +111,39 @@ def resolve(arg: LayerRef | str) -> LayerRef:
     return _REGISTRY[arg] if isinstance(arg, str) else arg
 
 
+class CompileOp:
+    """A custom op that only torch.compile goes through; eager calls (and CUDA-graph captures) run the
+    Python body directly.
+
+    ``torch.library.custom_op`` makes torch.compile see one opaque node, which is why our kernels are
+    registered as ops. Outside compile the dispatcher round trip buys nothing and costs ~50 µs of host
+    time per call on a small CPU: ~260 calls in an eager 40-layer prefill step.
+    Use as ``@CompileOp.define("deltaserve::name")``; ``.register_fake`` as on the op.
+    """
+
+    def __init__(self, qualname: str, fn: Callable, mutates_args=(), schema: str | None = None):
+        self.fn = fn
+        self.op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args, schema=schema)
+        self.namespace, self.name = qualname.split("::")
+        self.__doc__, self.__name__ = fn.__doc__, fn.__name__
+
+    @classmethod
+    def define(cls, qualname: str, mutates_args=()) -> Callable[[Callable], "CompileOp"]:
+        return lambda fn: cls(qualname, fn, mutates_args)
+
+    def register_fake(self, fake: Callable) -> Callable:
+        self.op.register_fake(fake)
+        return fake
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return getattr(getattr(torch.ops, self.namespace), self.name)(*args)
+        return self.fn(*args)
+
+
+_EAGER: dict[str, Callable] = {}  # op name -> its Python body, for layer_op outside compile
+
+
 def define_layer_op(name: str, tensor_args: str, returns: str, impl: Callable, fake: Callable) -> None:
     """Register ``deltaserve::<name>`` (LayerRef argument) and ``deltaserve::<name>_str`` (string).
 
@@ -124,6 +157,7 @@ def define_layer_op(name: str, tensor_args: str, returns: str, impl: Callable, f
     def str_fake(*args):
         return fake(*args[:-1], resolve(args[-1]))
 
+    _EAGER[name], _EAGER[f"{name}_str"] = impl, str_impl
     variants = [(f"{name}_str", "str", str_impl, str_fake)]
     if HAS_OPAQUE:
         variants.append((name, get_opaque_type_name(LayerRef), impl, fake))
@@ -135,5 +169,9 @@ def define_layer_op(name: str, tensor_args: str, returns: str, impl: Callable, f
 
 
 def layer_op(name: str, arg: LayerRef | str):
-    """The op overload matching ``arg``'s kind."""
-    return getattr(torch.ops.deltaserve, name if not isinstance(arg, str) else f"{name}_str")
+    """The op matching ``arg``'s kind: the registered op under torch.compile, its Python body otherwise
+    (see :class:`CompileOp`)."""
+    name = name if not isinstance(arg, str) else f"{name}_str"
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.deltaserve, name)
+    return _EAGER[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.layers.layer_ref import CompileOp
 from deltaserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from deltaserve.ops.norms import silu_and_mul
 
@@ -18,10 +19,10 @@ class SwiGLU(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce=reduce, what="intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(torch.ops.deltaserve.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(_silu_and_mul(self.gate_up_proj(x)))
 
 
-@torch.library.custom_op("deltaserve::silu_and_mul", mutates_args=())
+@CompileOp.define("deltaserve::silu_and_mul")
 def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return silu_and_mul(gate_up)  # one kernel on the GPU (ops/norms.py)
 

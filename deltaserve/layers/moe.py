@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltaserve.distributed import all_reduce, divide, tp_rank, tp_size
+from deltaserve.layers.layer_ref import CompileOp
 from deltaserve.layers.linear import ReplicatedLinear, check_shape
 from deltaserve.layers.mlp import SwiGLU
 from deltaserve.models.config import ModelConfig
@@ -104,20 +105,20 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.router == "gemm":
-            weights, ids = torch.ops.deltaserve.moe_route_logits(F.linear(x, self.router_weight), self.top_k,
+            weights, ids = moe_route_logits_op(F.linear(x, self.router_weight), self.top_k,
                                                                  self.renormalize, self.fold_shared)
         else:
             shared_gate = self.shared_expert_gate.weight if self.fold_shared else None
-            weights, ids = torch.ops.deltaserve.moe_router(x, self.gate.weight, shared_gate, self.top_k,
+            weights, ids = moe_router_op(x, self.gate.weight, shared_gate, self.top_k,
                                                            self.renormalize)  # [T, k (+1)] each
-        out = torch.ops.deltaserve.moe_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        out = moe_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
         if not self.fold_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return all_reduce(out)
 
 
 # Custom ops, so torch.compile sees one node each (the Triton launches and the CPU references stay opaque).
-@torch.library.custom_op("deltaserve::moe_router", mutates_args=())
+@CompileOp.define("deltaserve::moe_router")
 def moe_router_op(x: torch.Tensor, w_gate: torch.Tensor, w_shared_gate: torch.Tensor | None, top_k: int,
                   renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from deltaserve.ops.moe_router import moe_router
@@ -131,7 +132,7 @@ def _(x, w_gate, w_shared_gate, top_k, renormalize):
     return x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int32)
 
 
-@torch.library.custom_op("deltaserve::moe_route_logits", mutates_args=())
+@CompileOp.define("deltaserve::moe_route_logits")
 def moe_route_logits_op(logits: torch.Tensor, top_k: int, renormalize: bool,
                         has_shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from deltaserve.ops.moe_router import moe_route_logits
@@ -146,7 +147,7 @@ def _(logits, top_k, renormalize, has_shared):
             logits.new_empty(logits.shape[0], k, dtype=torch.int32))
 
 
-@torch.library.custom_op("deltaserve::moe_experts", mutates_args=())
+@CompileOp.define("deltaserve::moe_experts")
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
     from deltaserve.ops.fused_moe import fused_moe

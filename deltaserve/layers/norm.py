@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.layers.layer_ref import CompileOp
 from deltaserve.ops import norms
 
 
-@torch.library.custom_op("deltaserve::rms_norm", mutates_args=())
+@CompileOp.define("deltaserve::rms_norm")
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return norms.rms_norm(x, weight, eps)
 
@@ -24,7 +25,7 @@ def _(x, weight, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("deltaserve::add_rms_norm", mutates_args=())
+@CompileOp.define("deltaserve::add_rms_norm")
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return norms.rms_norm(x, weight, eps, residual=residual)
@@ -35,7 +36,7 @@ def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("deltaserve::rms_norm_gated", mutates_args=())
+@CompileOp.define("deltaserve::rms_norm_gated")
 def _rms_norm_gated(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return norms.rms_norm_gated(o, z, weight, eps)
 
@@ -58,8 +59,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return torch.ops.deltaserve.rms_norm(x, self.weight, self.eps)
-        return torch.ops.deltaserve.add_rms_norm(x, residual, self.weight, self.eps)
+            return _rms_norm(x, self.weight, self.eps)
+        return _add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RMSNormGated(nn.Module):
@@ -71,4 +72,4 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return torch.ops.deltaserve.rms_norm_gated(o, z, self.weight, self.eps)
+        return _rms_norm_gated(o, z, self.weight, self.eps)

@@ -8,11 +8,16 @@ and the comparison with fla-core's chunked kernel, run on the GPU only.
 
 from __future__ import annotations
 
+from dataclasses import fields
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+import deltaserve.layers.gdn as gdn_layer  # noqa: E402
+from deltaserve.forward_context import PrefillView  # noqa: E402
 from deltaserve.ops.gdn_prefill import gdn_prefill_ref  # noqa: E402
 from deltaserve.ops.gdn_prefill_recurrent import gdn_prefill_recurrent  # noqa: E402
 from tests.test_gdn_kernels import close, gates, poison, tol_for  # noqa: E402, F401 (poison: a fixture)
@@ -76,6 +81,100 @@ def test_names_bad_inputs(kernel_device):
     with pytest.raises(ValueError, match="contiguous heads"):
         gdn_prefill_recurrent(q, q, v.transpose(1, 2).contiguous().transpose(1, 2), a, b, A_log, dt_bias, pool,
                               slots, init, cu)
+
+
+# --------------------------------------------------------------------------------------- dispatch
+
+
+def fake_layer(Hk, Hv, Dk, Dv, W, slots, device):
+    """The attributes of a GatedDeltaNet that the prefill path reads, with random weights and states."""
+    conv_dim = 2 * Hk * Dk + Hv * Dv
+    return SimpleNamespace(
+        num_k_heads=Hk, num_v_heads=Hv, head_k_dim=Dk, head_v_dim=Dv, key_dim=Hk * Dk, value_dim=Hv * Dv,
+        conv_dim=conv_dim, conv1d=SimpleNamespace(weight=torch.randn(conv_dim, 1, W, device=device)),
+        A_log=torch.empty(Hv, device=device).uniform_(-1.0, 0.5), dt_bias=0.5 * torch.randn(Hv, device=device),
+        conv_state=torch.randn(slots, W, conv_dim, device=device), ssm_state=torch.randn(slots, Hv, Dk, Dv, device=device),
+    )
+
+
+def prefill_view(lens, ctx, slots, device) -> PrefillView:
+    qsl, ctx = offsets(lens, "cpu"), torch.tensor(ctx, dtype=I32)
+    return PrefillView(
+        query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, context_lens=ctx.to(device), context_lens_cpu=ctx,
+        seq_lens=(ctx + torch.tensor(lens, dtype=I32)).to(device),
+        state_slots=torch.tensor(slots, dtype=I32, device=device), block_tables=None,
+        has_initial_state=(ctx > 0).to(device),
+    )
+
+
+def layer_prefill_both(lens, ctx, device):
+    """The layer's kernel path and its reference path on clones of one fake layer; returns both sides."""
+    Hk, Hv, D, W = 2, 4, 16, 4
+    ref = fake_layer(Hk, Hv, D, D, W, 6, "cpu")  # on the CPU, the layer takes the reference path
+    gdn = SimpleNamespace(**{n: to(x, device) for n, x in vars(ref).items()})
+    gdn.conv1d = SimpleNamespace(weight=ref.conv1d.weight.to(device))
+    T = sum(lens)
+    wide = torch.randn(T, ref.conv_dim + 8)  # qkv: a row-strided view of the projection, as in the layer
+    qkv = wide[:, : ref.conv_dim]
+    a, b = torch.randn(T, Hv), torch.randn(T, Hv)
+    pv = prefill_view(lens, ctx, [4, 1, 3][: len(lens)], "cpu")
+    o_ref = gdn_layer._prefill(ref, qkv, b, a, pv)
+    w = gdn.conv1d.weight.view(gdn.conv_dim, -1)
+    o = gdn_layer._prefill_kernels(gdn, w, wide.to(device)[:, : ref.conv_dim], to(b, device), to(a, device),
+                                   PrefillView(**{f.name: getattr(pv, f.name) if f.name.endswith("_cpu")
+                                                  else to(getattr(pv, f.name), device) for f in fields(pv)}))
+    return (o, gdn.ssm_state, gdn.conv_state), (o_ref, ref.ssm_state, ref.conv_state)
+
+
+def to(x, device):
+    """A copy on ``device`` (never the same storage: the two paths update their states in place)."""
+    return x.to(device, copy=True) if isinstance(x, torch.Tensor) else x
+
+
+def test_dispatch_predicate_reads_host_metadata():
+    cpu_only = dict(query_start_loc=None, context_lens=None, context_lens_cpu=None, seq_lens=None, state_slots=None,
+                    block_tables=None, has_initial_state=None)  # no device tensor to read
+    limit = gdn_layer.RECURRENT_PREFILL_MAX_TOKENS
+    for lens, short in (([1], True), ([3, limit, 2], True), ([limit + 1], False), ([5, limit + 1, 1], False)):
+        pv = PrefillView(query_start_loc_cpu=offsets(lens, "cpu"), **cpu_only)
+        assert pv.max_query_len == max(lens)
+        assert gdn_layer.use_recurrent_prefill(pv) is short
+
+
+def test_short_prefill_takes_the_recurrent_kernel(kernel_device, monkeypatch):
+    """Kernel path (conv + recurrent GDN) == the CPU reference path; fla's entry point must not run."""
+    import deltaserve.ops.gdn_prefill as fla_entry
+
+    def no_fla(*args, **kwargs):
+        raise AssertionError("a short prefill went to fla's chunked kernel")
+
+    monkeypatch.setattr(fla_entry, "gdn_prefill", no_fla)
+    torch.manual_seed(3)
+    got, want = layer_prefill_both([5, 2, 9], [0, 7, 2], kernel_device)
+    for g, w in zip(got, want, strict=True):
+        close(g.cpu(), w, 1e-5)
+
+
+def test_long_prefill_keeps_fla(kernel_device, monkeypatch):
+    import deltaserve.ops.gdn_prefill as fla_entry
+    import deltaserve.ops.gdn_prefill_recurrent as recurrent
+
+    calls = []
+
+    def fake_fla(*args, chunk_indices=None):
+        calls.append(chunk_indices)
+        return gdn_prefill_ref(*args)
+
+    def no_recurrent(*args, **kwargs):
+        raise AssertionError("a 65-token prefill went to the recurrent kernel")
+
+    monkeypatch.setattr(fla_entry, "gdn_prefill", fake_fla)
+    monkeypatch.setattr(recurrent, "gdn_prefill_recurrent", no_recurrent)
+    torch.manual_seed(4)
+    got, want = layer_prefill_both([2, gdn_layer.RECURRENT_PREFILL_MAX_TOKENS + 1], [3, 0], kernel_device)
+    assert len(calls) == 1 and calls[0] is not None  # the step's chunk table is passed, not rebuilt by fla
+    for g, w in zip(got, want, strict=True):
+        close(g.cpu(), w, 1e-5)
 
 
 # ------------------------------------------------------------------------------------ real shapes

@@ -74,6 +74,11 @@ class PrefillView:
     has_initial_state: torch.Tensor  # [P] bool
 
     @cached_property
+    def max_query_len(self) -> int:
+        """Longest prefill sequence of the step (tokens), from the host copy: no device read."""
+        return int(torch.diff(self.query_start_loc_cpu).max()) if self.query_start_loc_cpu.numel() > 1 else 0
+
+    @cached_property
     def cu_seqlens_long(self) -> torch.Tensor:
         """``query_start_loc`` as int64, one tensor for every GDN layer of the step (fla caches per tensor)."""
         return self.query_start_loc.long()

@@ -27,6 +27,15 @@ from deltaserve.ops.causal_conv1d import causal_conv1d_ref, causal_conv1d_update
 from deltaserve.ops.gated_delta_rule import gdn_decode_ref
 from deltaserve.ops.gdn_prefill import gdn_prefill_ref
 
+# Prefills whose longest sequence has at most this many tokens run the recurrent kernel
+# (ops/gdn_prefill_recurrent.py) instead of fla-core's chunked one. fla's path is ~8 launches per layer,
+# each behind Python wrappers and autotuner look-ups: ~2.3 ms of host time per GDN layer, against a few
+# microseconds of GPU time for a recurrent pass over <= 64 tokens (one launch, the state in registers).
+# The recurrent kernel's token loop is serial, so its GPU time grows with the longest sequence while
+# the chunked kernels' work is tensor-core matmuls; 64 is fla's chunk size (at or below it every
+# sequence is a single chunk). The crossover has not been measured: 64 keeps the recurrent pass short.
+RECURRENT_PREFILL_MAX_TOKENS = 64
+
 
 class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, plan: InProjPlan):
@@ -173,14 +182,30 @@ def _decode(gdn: GatedDeltaNet, qkv, b, a, slots, positions) -> torch.Tensor:
 def _prefill(gdn: GatedDeltaNet, qkv, b, a, pv) -> torch.Tensor:
     w = gdn.conv1d.weight.view(gdn.conv_dim, -1)
     if qkv.is_cuda:
-        from deltaserve.ops.conv1d_triton import causal_conv1d_prefill
-        from deltaserve.ops.gdn_prefill import gdn_prefill
-
-        x = causal_conv1d_prefill(qkv, w, pv.query_start_loc, pv.context_lens, gdn.conv_state, pv.state_slots)
-        q, k, v = _split_heads(gdn, x)
-        return gdn_prefill(q, k, v, a, b, gdn.A_log, gdn.dt_bias, gdn.ssm_state, pv.state_slots,
-                           pv.has_initial_state, pv.cu_seqlens_long, chunk_indices=pv.chunk_indices)
+        return _prefill_kernels(gdn, w, qkv, b, a, pv)
     x = causal_conv1d_ref(qkv, w, pv.query_start_loc_cpu, pv.context_lens_cpu, gdn.conv_state, pv.state_slots)
     q, k, v = _split_heads(gdn, x)
     return gdn_prefill_ref(q, k, v, a, b, gdn.A_log, gdn.dt_bias, gdn.ssm_state, pv.state_slots,
                            pv.has_initial_state, pv.query_start_loc_cpu)
+
+
+def use_recurrent_prefill(pv) -> bool:
+    """Whether this step's prefills take the one-launch recurrent kernel (decided on host metadata)."""
+    return pv.max_query_len <= RECURRENT_PREFILL_MAX_TOKENS
+
+
+def _prefill_kernels(gdn: GatedDeltaNet, w, qkv, b, a, pv) -> torch.Tensor:
+    """The GPU path: Triton conv, then the recurrent kernel for short prefills, fla's chunked one otherwise."""
+    from deltaserve.ops.conv1d_triton import causal_conv1d_prefill
+
+    x = causal_conv1d_prefill(qkv, w, pv.query_start_loc, pv.context_lens, gdn.conv_state, pv.state_slots)
+    q, k, v = _split_heads(gdn, x)
+    args = (q, k, v, a, b, gdn.A_log, gdn.dt_bias, gdn.ssm_state, pv.state_slots, pv.has_initial_state,
+            pv.cu_seqlens_long)
+    if use_recurrent_prefill(pv):
+        from deltaserve.ops.gdn_prefill_recurrent import gdn_prefill_recurrent
+
+        return gdn_prefill_recurrent(*args)
+    from deltaserve.ops.gdn_prefill import gdn_prefill
+
+    return gdn_prefill(*args, chunk_indices=pv.chunk_indices)

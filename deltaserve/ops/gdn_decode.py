@@ -47,16 +47,23 @@ def _l2norm(x, eps: tl.constexpr):
 
 
 @triton.jit
-def _delta_rule_step(q, k, v, g, beta, s_ptrs, s_mask):
-    """One recurrent step on a ``[BK, BV]`` state tile, updated in place; returns ``o [BV]``.
+def _delta_rule_update(S, q, k, v, g, beta):
+    """One recurrent step on a ``[BK, BV]`` fp32 state tile held in registers; returns ``(S, o [BV])``.
 
     q, k: ``[BK]`` fp32 (normalised, q scaled); v: ``[BV]`` fp32; g, beta: fp32 scalars.
     """
-    S = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32) * tl.exp(g)
+    S = S * tl.exp(g)
     delta = (v - tl.sum(k[:, None] * S, 0)) * beta  # [BV]
     S += k[:, None] * delta[None, :]
+    return S, tl.sum(q[:, None] * S, 0)
+
+
+@triton.jit
+def _delta_rule_step(q, k, v, g, beta, s_ptrs, s_mask):
+    """:func:`_delta_rule_update` on the state tile at ``s_ptrs``, loaded and stored in place; returns ``o``."""
+    S, o = _delta_rule_update(tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32), q, k, v, g, beta)
     tl.store(s_ptrs, S.to(s_ptrs.dtype.element_ty), mask=s_mask)
-    return tl.sum(q[:, None] * S, 0)
+    return o
 
 
 @triton.jit

@@ -79,10 +79,24 @@ def autotune_entry(key: Any, config: Any) -> tuple[str, dict[str, Any]]:
     return key_hash(key), entry
 
 
-def kernel_file(kernel_name: str, entries: dict[str, dict], triton_version: str | None) -> dict[str, Any]:
-    """The ``{kernel_name}.json`` document (``default_config`` is only read in fla's full/default modes)."""
-    return {"kernel_name": kernel_name, "triton_version": triton_version,
+def kernel_file(kernel_name: str, entries: dict[str, dict], triton_version: str | None,
+                fla_version: str | None = None) -> dict[str, Any]:
+    """The ``{kernel_name}.json`` document (``default_config`` is only read in fla's full/default modes;
+    ``fla_version`` is ours, fla ignores it: a config's kwargs name one fla version's constexprs)."""
+    return {"kernel_name": kernel_name, "triton_version": triton_version, "fla_version": fla_version,
             "autotune_entries": dict(sorted(entries.items())), "default_config": None}
+
+
+def installed_fla_version() -> str | None:
+    """fla-core's version from its package metadata, without importing fla."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("fla-core", "flash-linear-attention"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 # -- finding the autotuners that ran ----------------------------------------------------------------------
@@ -173,16 +187,25 @@ def dump_fla_configs(out_dir: str | Path, autotuners: list[Any] | None = None,
         path = out / f"{name}.json"
         merged = {**_existing_entries(path, triton_version), **entries}
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(kernel_file(name, merged, triton_version), indent=1) + "\n")
+        doc = kernel_file(name, merged, triton_version, installed_fla_version())
+        path.write_text(json.dumps(doc, indent=1) + "\n")
         written.append(path)
     return written
 
 
 # -- using shipped configs ---------------------------------------------------------------------------------
+def _recorded_fla_version(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("fla_version") if isinstance(data, dict) else None
+
+
 def use_shipped_fla_configs(device_name: str) -> Path | None:
     """Point fla at ``SHIPPED_ROOT/<sanitised device_name>/`` (``FLA_CONFIG_DIR``, ``FLA_CACHE_MODE=strict``)
-    if the repo ships JSON files for this GPU. Does nothing when the user set either variable, or when
-    fla's cache module is already imported (it has read ``FLA_CACHE_MODE`` by then). Returns the
+    if the repo ships JSON files for this GPU, recorded with the installed fla version. Does nothing
+    when the user set either variable, or when fla's cache module is already imported (it has read ``FLA_CACHE_MODE`` by then). Returns the
     directory fla will read, or None."""
     directory = SHIPPED_ROOT / sanitize_gpu_name(device_name)
     files = sorted(directory.glob("*.json")) if directory.is_dir() else []
@@ -194,6 +217,12 @@ def use_shipped_fla_configs(device_name: str) -> Path | None:
     if user_set:
         logger.info("fla: %s set by the user; the %d shipped autotune configs for %s are not used",
                     " and ".join(user_set), len(files), device_name)
+        return None
+    installed = installed_fla_version()
+    recorded = sorted({_recorded_fla_version(f) for f in files} - {installed})
+    if recorded:
+        logger.info("fla: the shipped autotune configs for %s were recorded with fla %s, this is fla %s; not used",
+                    device_name, ", ".join(map(str, recorded)), installed)
         return None
     if _FLA_CACHE_MODULE in sys.modules:
         logger.warning("fla: imported before start-up set FLA_CACHE_MODE; the %d shipped autotune configs "

@@ -86,6 +86,7 @@ def test_round_trip_plain_json(tmp_path):
     assert path == tmp_path / "chunk_fwd_kernel_o.json"
     data = json.loads(path.read_text())
     assert data["kernel_name"] == "chunk_fwd_kernel_o" and data["triton_version"] == triton.__version__
+    assert data["fla_version"] == fla_configs.installed_fla_version()
     assert data["autotune_entries"][KEY_HASH]["config"]["kwargs"] == {"BV": 64, "BK": 32}
     assert data["autotune_entries"][fla_configs.key_hash(other)]["config"]["num_warps"] == 8
     # A later dump (another preset) adds to the file; a new tuning of a key replaces it.
@@ -120,9 +121,10 @@ def shipped(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(fla_configs, "SHIPPED_ROOT", tmp_path)
     monkeypatch.delitem(sys.modules, "fla.ops.utils.cache", raising=False)
+    monkeypatch.setattr(fla_configs, "installed_fla_version", lambda: "0.6.0")
     d = tmp_path / "NVIDIA_H200"
     d.mkdir()
-    (d / "chunk_fwd_kernel_o.json").write_text("{}")
+    (d / "chunk_fwd_kernel_o.json").write_text(json.dumps(fla_configs.kernel_file("chunk_fwd_kernel_o", {}, "3.6.0", "0.6.0")))
     return d
 
 
@@ -152,6 +154,14 @@ def test_use_shipped_unknown_device(shipped):
 
     assert fla_configs.use_shipped_fla_configs("NVIDIA H100 80GB HBM3") is None
     assert fla_configs.use_shipped_fla_configs("") is None
+    assert not any(v in os.environ for v in fla_configs.ENV_VARS)
+
+
+def test_use_shipped_other_fla_version(shipped, monkeypatch):
+    import os
+
+    monkeypatch.setattr(fla_configs, "installed_fla_version", lambda: "0.7.0")
+    assert fla_configs.use_shipped_fla_configs("NVIDIA H200") is None
     assert not any(v in os.environ for v in fla_configs.ENV_VARS)
 
 

@@ -81,6 +81,9 @@ for stage in "$@"; do
       for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health')" 2>/dev/null && break; sleep 0.5; done
       run ttft35b python3 -m deltaserve.cli bench ttft --url http://127.0.0.1:8123 --output "$LOGS/ttft35b.json"
       kill -TERM $spid; wait $spid ;;
+    fla-configs)  # record fla's autotune picks on this card (deltaserve/configs/fla/<GPU>/), brought back in the logs
+      run fla-configs python3 scripts/dump_fla_configs.py --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35}
+      [ -d deltaserve/configs/fla ] && mkdir -p "$LOGS/fla-configs" && cp -r deltaserve/configs/fla/. "$LOGS/fla-configs/" ;;
     gdn-vs-fla) run gdn-vs-fla python3 scripts/bench_gdn_decode.py --output "$LOGS/gdn-vs-fla.json" ;;
     moe) run moe python3 scripts/bench_moe.py ${MOE_SWEEP:+--sweep} ;;
     gemv) run gemv python3 scripts/bench_gemv.py --output "$LOGS/gemv.json" ;;

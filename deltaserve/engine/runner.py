@@ -2,7 +2,8 @@
 
 Start-up: load the weights, (optionally) compile the decoder layers, size the caches -- on the GPU
 from ``gpu_memory_utilization`` after the weights and a warm-up forward at the step's token budget;
-on the CPU from ``kv_cache_memory`` -- then tune ``inproj=auto`` and capture decode CUDA graphs.
+on the CPU from ``kv_cache_memory`` -- then tune ``inproj=auto`` and capture decode CUDA graphs. On
+CUDA it first points fla at the repo's autotune configs for this GPU, if any (``deltaserve/fla_configs.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from deltaserve.engine.kv_cache import KVCache, kv_bytes_per_block
 from deltaserve.engine.scheduler import Scheduled
 from deltaserve.engine.state_cache import StateCache, state_bytes_per_slot
 from deltaserve.errors import ConfigError
+from deltaserve.fla_configs import use_shipped_fla_configs
 from deltaserve.forward_context import forward_batch
 from deltaserve.layers.inproj import InProjPlan
 from deltaserve.layers.layer_ref import layer_arg_mode
@@ -54,6 +56,8 @@ class ModelRunner:
         on_gpu = self.device.type == "cuda"
         if on_gpu and self.device.index is not None:
             torch.cuda.set_device(self.device)
+        if on_gpu:  # before fla's first import (the first GDN prefill, in the warm-up forward)
+            use_shipped_fla_configs(torch.cuda.get_device_name(self.device))
         t0 = time.perf_counter()
         self.plan = InProjPlan(cfg.inproj if on_gpu or cfg.inproj != "auto" else "fused")
         with layer_arg_mode(cfg.layer_arg):

@@ -62,6 +62,9 @@ class EngineConfig:
                         choices=["auto", "opaque", "string"])
     cuda_graph_sizes: list[int] | None = _f(None, "Decode batch sizes to capture (default 1, 2, 4, 8, 16, 24, "
                                                   "... up to max_num_seqs).")
+    prefill_cuda_graphs: bool = _f(False, "Also replay prefill steps of one fresh prompt of <= 64 tokens from CUDA "
+                                          "graphs (16, 32, 64 padded tokens): the host time of an eager prefill "
+                                          "is most of a short prompt's time to first token.")
     seed: int = _f(0, "Seed of the sampler's default generator and of dummy weights.")
     tensor_parallel_size: int = _f(1, "Processes/GPUs the model is split over (gloo on CPU, NCCL on GPU).")
     debug_step_delay_ms: float = _f(0.0, "TEST ONLY: sleep this long in every engine step (to check that "
@@ -125,6 +128,15 @@ class EngineConfig:
             return []
         sizes = self.cuda_graph_sizes or [1, 2, 4, 8] + list(range(16, 1025, 8))
         return sorted({s for s in sizes if s <= self.max_num_seqs} | {min(self.max_num_seqs, max(sizes))})
+
+    def prefill_graph_sizes(self) -> list[int]:
+        """Padded token counts of the prefill graphs (``prefill_cuda_graphs``); none on the CPU or eager."""
+        from deltaserve.layers.gdn import RECURRENT_PREFILL_MAX_TOKENS
+
+        if not self.prefill_cuda_graphs or not self.graph_sizes():
+            return []
+        limit = min(RECURRENT_PREFILL_MAX_TOKENS, self.max_num_batched_tokens)
+        return [s for s in (16, 32, 64) if s <= limit] or [limit]
 
     def non_defaults(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

@@ -218,3 +218,25 @@ def test_start_up_warm_shapes_fit_the_limits_and_run(model_dir):
     assert seen == [len(b) for b in warmup_batches(16, 2048, runner.block_size)]
     assert all(layer.ssm_state is None for layer in runner.model.gdn_layers())  # the throw-away caches are let go
     llm.shutdown()
+
+
+def test_prefill_graph_eligibility_and_sizes(monkeypatch):
+    from deltaserve.config import EngineConfig
+    from deltaserve.engine.batch import SeqInput
+    from deltaserve.engine.cuda_graph import PrefillGraphs
+
+    cfg = EngineConfig(model="x", device="cpu", prefill_cuda_graphs=True)
+    assert cfg.prefill_graph_sizes() == []  # never on the CPU (no graphs there)
+    monkeypatch.setattr(EngineConfig, "graph_sizes", lambda self: [1, 2])
+    assert cfg.prefill_graph_sizes() == [16, 32, 64]
+    cfg.max_num_batched_tokens = 40
+    assert cfg.prefill_graph_sizes() == [16, 32]
+    cfg.prefill_cuda_graphs = False
+    assert cfg.prefill_graph_sizes() == []
+    pg = PrefillGraphs(None, [16, 32, 64], max_blocks=4, block_size=16, pool=None, device=torch.device("cpu"))
+    fresh = SeqInput(list(range(30)), 0, 1, [3, 4])
+    assert pg.can_run([fresh])
+    assert not pg.can_run([fresh, SeqInput([7], 0, 2, [5])])  # one prompt per graph
+    assert not pg.can_run([SeqInput(list(range(30)), 16, 1, [3, 4, 5])])  # a later chunk (has context)
+    assert not pg.can_run([SeqInput(list(range(65)), 0, 1, [3, 4, 5, 6, 7])])  # longer than the largest graph
+    assert not pg.can_run([SeqInput(list(range(10)), 0, 1, [1, 2, 3, 4, 5])])  # more blocks than the table holds

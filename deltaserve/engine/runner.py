@@ -17,7 +17,7 @@ import torch
 from deltaserve.config import EngineConfig
 from deltaserve.distributed import min_over_ranks
 from deltaserve.engine.batch import SeqInput, build_batch
-from deltaserve.engine.cuda_graph import DecodeGraphs
+from deltaserve.engine.cuda_graph import DecodeGraphs, PrefillGraphs
 from deltaserve.engine.kv_cache import KVCache, kv_bytes_per_block
 from deltaserve.engine.scheduler import Scheduled
 from deltaserve.engine.state_cache import StateCache, state_bytes_per_slot
@@ -72,6 +72,7 @@ class ModelRunner:
             compile_layers(self.model)
         self.block_size = cfg.block_size
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self._allocate_caches()
         self.sampler = Sampler(self.device, cfg.seed)
         if on_gpu and cfg.inproj == "auto":
@@ -84,6 +85,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self.block_size,
                                        self.states.scratch_slot, self.kv.scratch_block, self.device)
             self.graphs.capture()
+            prefill_sizes = cfg.prefill_graph_sizes()
+            if prefill_sizes:
+                self.prefill_graphs = PrefillGraphs(self.model, prefill_sizes, self.max_blocks_per_seq,
+                                                    self.block_size, self.graphs.pool, self.device)
+                self.prefill_graphs.capture(self.states.scratch_slot, self.kv.scratch_block)
             logger.info("CUDA graphs captured in %.1f s", time.perf_counter() - t0)
         if cfg.compile:
             from deltaserve.engine.compile import compiled_graph_count
@@ -180,6 +186,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(seqs):
             logits = self.graphs.run(seqs)
             return logits if len(sample_rows) == len(seqs) else logits[sample_rows]
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(seqs):
+            return self.prefill_graphs.run(seqs)[sample_rows]
         ids, positions, meta = build_batch(seqs, self.block_size, self.device)
         with torch.inference_mode(), forward_batch(meta):
             hidden = self.model(ids, positions)
@@ -213,6 +221,9 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         """Release the decode graphs (a tensor-parallel rank must before it destroys its NCCL group)."""
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.release()
+            self.prefill_graphs = None
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None

@@ -41,6 +41,10 @@ for stage in "$@"; do
                    tests/test_skinny_gemm.py ;;
     engine-hf) run engine-hf python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                  -k transformers ;;
+    gpu-next) run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
+                tests/test_gdn_prefill_recurrent.py tests/test_engine_gpu.py::test_prefill_graphs_equal_eager_prefill \
+                tests/test_engine_gpu.py::test_bf16_gpu_matches_fp32_cpu_reference \
+                tests/test_engine_gpu.py::test_tiny_moe_and_next_gpu_match_cpu ;;
     kernels-rest) run kernels-rest python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
                     tests/test_qk_norm_rope_gpu.py tests/test_skinny_gemm.py ;;
     engine) run engine python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py ;;

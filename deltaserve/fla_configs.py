@@ -205,8 +205,8 @@ def _recorded_fla_version(path: Path) -> str | None:
 def use_shipped_fla_configs(device_name: str) -> Path | None:
     """Point fla at ``SHIPPED_ROOT/<sanitised device_name>/`` (``FLA_CONFIG_DIR``, ``FLA_CACHE_MODE=strict``)
     if the repo ships JSON files for this GPU, recorded with the installed fla version. Does nothing
-    when the user set either variable, or when fla's cache module is already imported (it has read ``FLA_CACHE_MODE`` by then). Returns the
-    directory fla will read, or None."""
+    when the user set either variable, or when fla's cache module is already imported (it has read
+    ``FLA_CACHE_MODE`` by then). Returns the directory fla will read, or None."""
     directory = SHIPPED_ROOT / sanitize_gpu_name(device_name)
     files = sorted(directory.glob("*.json")) if directory.is_dir() else []
     if not files:

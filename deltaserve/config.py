@@ -62,7 +62,7 @@ class EngineConfig:
                         choices=["auto", "opaque", "string"])
     cuda_graph_sizes: list[int] | None = _f(None, "Decode batch sizes to capture (default 1, 2, 4, 8, 16, 24, "
                                                   "... up to max_num_seqs).")
-    prefill_cuda_graphs: bool = _f(False, "Also replay prefill steps of one fresh prompt of <= 64 tokens from CUDA "
+    prefill_cuda_graphs: bool = _f(False, "Also replay prefill steps of one fresh prompt of < 64 tokens from CUDA "
                                           "graphs (16, 32, 64 padded tokens): the host time of an eager prefill "
                                           "is most of a short prompt's time to first token.")
     seed: int = _f(0, "Seed of the sampler's default generator and of dummy weights.")

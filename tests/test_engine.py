@@ -238,5 +238,7 @@ def test_prefill_graph_eligibility_and_sizes(monkeypatch):
     assert pg.can_run([fresh])
     assert not pg.can_run([fresh, SeqInput([7], 0, 2, [5])])  # one prompt per graph
     assert not pg.can_run([SeqInput(list(range(30)), 16, 1, [3, 4, 5])])  # a later chunk (has context)
-    assert not pg.can_run([SeqInput(list(range(65)), 0, 1, [3, 4, 5, 6, 7])])  # longer than the largest graph
+    assert pg.can_run([SeqInput(list(range(63)), 0, 1, [3, 4, 5, 6])])
+    # The padding is a never-empty dummy sequence: a prompt needs a graph strictly larger than itself.
+    assert not pg.can_run([SeqInput(list(range(64)), 0, 1, [3, 4, 5, 6])])
     assert not pg.can_run([SeqInput(list(range(10)), 0, 1, [1, 2, 3, 4, 5])])  # more blocks than the table holds

@@ -124,7 +124,7 @@ def test_greedy_vs_transformers_first_divergence(tiny):
 
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
 def test_prefill_graphs_equal_eager_prefill(tmp_path, kind):
-    """Prompts of <= 64 tokens prefilled by a replayed CUDA graph give the eager engine's tokens and
+    """Prompts of < 64 tokens prefilled by a replayed CUDA graph give the eager engine's tokens and
     logprobs (fp32, the same kernels), across graph sizes, padding and slot reuse; longer prompts stay eager."""
     if kind == "tiny":
         d = make_model("tiny", tmp_path, dtype="float32", seed=5)

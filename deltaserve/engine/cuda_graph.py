@@ -134,10 +134,13 @@ class PrefillGraphs:
     the conv kernel and paged attention by ``cu_seqlens``, the GDN core by the one-launch recurrent
     kernel (``ops/gdn_prefill_recurrent.py``, chosen for prefills of at most
     ``RECURRENT_PREFILL_MAX_TOKENS``; fla's chunked path builds host-side chunk tables, so sizes stop
-    there). The prompt's ``T`` tokens are rows ``[0, T)`` of ``size``; the padding rows belong to no
-    sequence (``cu_seqlens = [0, T]``), are never stored (``slot_mapping = -1``) and only feed
-    row-wise work whose results are dropped. The logits are those of row ``T - 1``, gathered inside
-    the graph with a device index.
+    there).
+
+    The prompt's ``T`` tokens are rows ``[0, T)``; the padding rows ``[T, size)`` are a second, dummy
+    sequence (``size`` is strictly larger than ``T``, so it is never empty) on the scratch state slot
+    and scratch KV block, never stored (``slot_mapping = -1``). Every row so holds finite values --
+    uninitialised rows could carry NaNs into the MoE router, whose expert ids index weights. The
+    logits are those of row ``T - 1``, gathered inside the graph with a device index.
     """
 
     def __init__(self, model, sizes: list[int], max_blocks: int, block_size: int, pool, device: torch.device):
@@ -147,11 +150,11 @@ class PrefillGraphs:
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.query_start_loc = torch.zeros(2, **i32)  # [0, T]
-        self.seq_lens = torch.zeros(1, **i32)  # T (a fresh prompt: no context)
-        self.context_lens = torch.zeros(1, **i32)
-        self.state_slots = torch.zeros(1, **i32)
-        self.block_tables = torch.zeros(1, max_blocks, **i32)
+        self.query_start_loc = torch.zeros(3, **i32)  # [0, T, size]: the prompt, then the padding
+        self.seq_lens = torch.zeros(2, **i32)  # [T, size - T] (fresh: no context)
+        self.context_lens = torch.zeros(2, **i32)
+        self.state_slots = torch.zeros(2, **i32)  # [the prompt's slot, scratch]
+        self.block_tables = torch.zeros(2, max_blocks, **i32)  # row 1: scratch
         self.last = torch.zeros(1, dtype=torch.int64, device=device)  # row T - 1
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -161,9 +164,9 @@ class PrefillGraphs:
             num_decodes=0, query_start_loc=self.query_start_loc, seq_lens=self.seq_lens,
             context_lens=self.context_lens, state_slots=self.state_slots, block_tables=self.block_tables,
             slot_mapping=self.slot_mapping[:size], positions=self.positions[:size], max_query_len=size,
-            # Host copies fix the host-side choices to this graph's bound; nothing reads them per token.
-            query_start_loc_cpu=torch.tensor([0, size], dtype=torch.int32),
-            context_lens_cpu=torch.zeros(1, dtype=torch.int32),
+            # Host copies: bounds fixed per graph (they pick the recurrent GDN path and size grids).
+            query_start_loc_cpu=torch.tensor([0, size, size], dtype=torch.int32),
+            context_lens_cpu=torch.zeros(2, dtype=torch.int32),
         )
 
     def _forward(self, size: int) -> torch.Tensor:
@@ -173,21 +176,26 @@ class PrefillGraphs:
 
     @torch.inference_mode()
     def capture(self, scratch_slot: int, scratch_block: int) -> None:
-        """Capture every size, on the scratch slot and block (the warm-up runs write only there)."""
+        """Capture every size; while capturing, both sequences use the scratch slot and block."""
         self.state_slots.fill_(scratch_slot)
         self.block_tables.fill_(scratch_block)
         for size in reversed(self.sizes):
-            self._set_lengths(size)
-            self.slot_mapping.fill_(-1)  # store nothing while capturing
+            self._set_lengths(size // 2, size)
             self.graphs[size], self.logits[size] = capture_graph(lambda: self._forward(size), self.pool)
             self.pool = self.graphs[size].pool()
         torch.cuda.synchronize()
-        logger.info("captured %d prefill CUDA graphs (token counts up to %s)", len(self.sizes), self.sizes)
+        logger.info("captured %d prefill CUDA graphs (padded token counts %s)", len(self.sizes), self.sizes)
 
-    def _set_lengths(self, t: int) -> None:
-        self.query_start_loc[1] = t
-        self.seq_lens[0] = t
-        self.last[0] = t - 1
+    def _set_lengths(self, t: int, size: int) -> None:
+        """Device-side lengths for a prompt of ``t`` tokens in a graph of ``size`` (nothing stored)."""
+        lengths = torch.tensor([0, t, size, t, size - t, t - 1], dtype=torch.int64).pin_memory().to(
+            self.input_ids.device, non_blocking=True)
+        self.query_start_loc.copy_(lengths[:3])
+        self.seq_lens.copy_(lengths[3:5])
+        self.last.copy_(lengths[5:])
+        self.slot_mapping.fill_(-1)
+        self.positions[t:size] = torch.arange(size - t, device=self.positions.device)  # the padding's own positions
+        self.input_ids[t:size] = 0
 
     def release(self) -> None:
         torch.cuda.synchronize()
@@ -196,26 +204,21 @@ class PrefillGraphs:
         self.pool = None
 
     def can_run(self, seqs: list[SeqInput]) -> bool:
-        """One fresh prompt (no context) of at most the largest size, whose blocks fit the table."""
-        return (len(seqs) == 1 and seqs[0].context_len == 0 and 0 < len(seqs[0].token_ids) <= self.sizes[-1]
+        """One fresh prompt (no context), shorter than the largest size, whose blocks fit the table."""
+        return (len(seqs) == 1 and seqs[0].context_len == 0 and 0 < len(seqs[0].token_ids) < self.sizes[-1]
                 and len(seqs[0].block_table) <= self.block_tables.shape[1])
 
     def run(self, seqs: list[SeqInput]) -> torch.Tensor:
         """Logits ``[1, V]`` of the prompt's last token (a view into the graph's output: use before the next run)."""
         (s,) = seqs
         t = len(s.token_ids)
-        size = self.sizes[bisect.bisect_left(self.sizes, t)]
+        size = self.sizes[bisect.bisect_right(self.sizes, t)]  # strictly larger: the padding is never empty
+        self._set_lengths(t, size)
         bsz = self.block_size
         host = torch.tensor([s.token_ids, list(range(t)), [s.block_table[p // bsz] * bsz + p % bsz for p in range(t)]],
                             dtype=torch.int64).pin_memory().to(self.input_ids.device, non_blocking=True)
         self.input_ids[:t], self.positions[:t], self.slot_mapping[:t] = host[0], host[1], host[2]
-        self.slot_mapping[t:size] = -1
-        small = torch.tensor([0, t, t, t - 1, s.state_slot], dtype=torch.int64).pin_memory().to(
-            self.input_ids.device, non_blocking=True)
-        self.query_start_loc.copy_(small[:2])
-        self.seq_lens.copy_(small[2:3])
-        self.last.copy_(small[3:4])
-        self.state_slots.copy_(small[4:5])
+        self.state_slots[:1] = s.state_slot
         self.block_tables[0, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32).pin_memory().to(
             self.block_tables.device, non_blocking=True)
         self.graphs[size].replay()

@@ -111,6 +111,21 @@ def resolve(arg: LayerRef | str) -> LayerRef:
     return _REGISTRY[arg] if isinstance(arg, str) else arg
 
 
+_DISPATCH_ALWAYS = False  # see dispatch_custom_ops
+
+
+@contextlib.contextmanager
+def dispatch_custom_ops() -> Iterator[None]:
+    """Route eager calls through the registered ops as well, so that a profiler sees one named op per
+    call (``bench profile`` on the CPU classifies time by op name)."""
+    global _DISPATCH_ALWAYS
+    saved, _DISPATCH_ALWAYS = _DISPATCH_ALWAYS, True
+    try:
+        yield
+    finally:
+        _DISPATCH_ALWAYS = saved
+
+
 class CompileOp:
     """A custom op that only torch.compile goes through; eager calls (and CUDA-graph captures) run the
     Python body directly.
@@ -136,7 +151,7 @@ class CompileOp:
         return fake
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():
+        if _DISPATCH_ALWAYS or torch.compiler.is_compiling():
             return getattr(getattr(torch.ops, self.namespace), self.name)(*args)
         return self.fn(*args)
 
@@ -172,6 +187,6 @@ def layer_op(name: str, arg: LayerRef | str):
     """The op matching ``arg``'s kind: the registered op under torch.compile, its Python body otherwise
     (see :class:`CompileOp`)."""
     name = name if not isinstance(arg, str) else f"{name}_str"
-    if torch.compiler.is_compiling():
+    if _DISPATCH_ALWAYS or torch.compiler.is_compiling():
         return getattr(torch.ops.deltaserve, name)
     return _EAGER[name]

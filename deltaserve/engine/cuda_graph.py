@@ -9,6 +9,7 @@ so the kernels need no padding branch. Logits are computed inside the graph too.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 
 import torch
@@ -71,7 +72,7 @@ class DecodeGraphs:
         self.context_lens.fill_(1)
         self.seq_lens.fill_(2)
         for bs in reversed(self.sizes):
-            self.graphs[bs], self.logits[bs] = capture_graph(lambda: self._forward(bs), self.pool)
+            self.graphs[bs], self.logits[bs] = capture_graph(functools.partial(self._forward, bs), self.pool)
             self.pool = self.graphs[bs].pool()
         self._reset_padding(0)
         torch.cuda.synchronize()
@@ -181,7 +182,7 @@ class PrefillGraphs:
         self.block_tables.fill_(scratch_block)
         for size in reversed(self.sizes):
             self._set_lengths(size // 2, size)
-            self.graphs[size], self.logits[size] = capture_graph(lambda: self._forward(size), self.pool)
+            self.graphs[size], self.logits[size] = capture_graph(functools.partial(self._forward, size), self.pool)
             self.pool = self.graphs[size].pool()
         torch.cuda.synchronize()
         logger.info("captured %d prefill CUDA graphs (padded token counts %s)", len(self.sizes), self.sizes)

@@ -143,7 +143,7 @@ class CompileOp:
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
     @classmethod
-    def define(cls, qualname: str, mutates_args=()) -> Callable[[Callable], "CompileOp"]:
+    def define(cls, qualname: str, mutates_args=()) -> Callable[[Callable], CompileOp]:
         return lambda fn: cls(qualname, fn, mutates_args)
 
     def register_fake(self, fake: Callable) -> Callable:

@@ -32,7 +32,25 @@ def capture_graph(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     return graph, out
 
 
-class DecodeGraphs:
+class _GraphSet:
+    """Graphs keyed by size, their output tensors and their shared memory pool."""
+
+    graphs: dict[int, torch.cuda.CUDAGraph]
+    logits: dict[int, torch.Tensor]
+    pool: object
+
+    def release(self) -> None:
+        """Drop the graphs and their memory pool. NCCL keeps a communicator whose kernels a live graph
+        holds from being destroyed (its destroy waits for the graph), so tensor-parallel ranks release
+        their graphs before they destroy the process group."""
+        torch.cuda.synchronize()
+        self.graphs.clear()
+        self.logits.clear()
+        self.pool = None
+        torch.cuda.synchronize()
+
+
+class DecodeGraphs(_GraphSet):
     def __init__(self, model, sizes: list[int], max_blocks: int, block_size: int, scratch_slot: int,
                  scratch_block: int, device: torch.device):
         self.model, self.sizes, self.block_size = model, sorted(sizes), block_size
@@ -78,16 +96,6 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
 
-    def release(self) -> None:
-        """Drop the graphs and their memory pool. NCCL keeps a communicator whose kernels a live graph
-        holds from being destroyed (its destroy waits for the graph), so tensor-parallel ranks release
-        their graphs before they destroy the process group."""
-        torch.cuda.synchronize()
-        self.graphs.clear()
-        self.logits.clear()
-        self.pool = None
-        torch.cuda.synchronize()
-
     def _reset_padding(self, start: int) -> None:
         self.slot_mapping[start:].fill_(-1)
         self.state_slots[start:].fill_(self.scratch_slot)
@@ -123,7 +131,7 @@ class DecodeGraphs:
         return self.logits[bs][:B]
 
 
-class PrefillGraphs:
+class PrefillGraphs(_GraphSet):
     """Prefill steps of one fresh short prompt, replayed from CUDA graphs (one per padded token count).
 
     Time to first token at low load is one such step, and run eagerly it is mostly host time: ~35
@@ -197,12 +205,6 @@ class PrefillGraphs:
         self.slot_mapping.fill_(-1)
         self.positions[t:size] = torch.arange(size - t, device=self.positions.device)  # the padding's own positions
         self.input_ids[t:size] = 0
-
-    def release(self) -> None:
-        torch.cuda.synchronize()
-        self.graphs.clear()
-        self.logits.clear()
-        self.pool = None
 
     def can_run(self, seqs: list[SeqInput]) -> bool:
         """One fresh prompt (no context), shorter than the largest size, whose blocks fit the table."""

@@ -292,6 +292,18 @@ def test_gdn_prefill_ref_equals_token_by_token_decode():
     close(pool, ref_pool, 1e-4)
 
 
+def test_gdn_prefill_ref_takes_every_argument_of_gdn_prefill():
+    """The GPU tests swap the reference in for fla's prefill (``gdn_prefill = gdn_prefill_ref``): the layer
+    calls it with fla's keyword arguments, so the reference must accept all of them."""
+    import inspect
+
+    from deltaserve.ops.gdn_prefill import gdn_prefill
+
+    fla_params = inspect.signature(gdn_prefill).parameters
+    ref_params = inspect.signature(gdn_prefill_ref).parameters
+    assert list(fla_params) == list(ref_params)
+
+
 # ------------------------------------------------------------------------------------- validation
 
 

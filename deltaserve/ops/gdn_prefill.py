@@ -102,8 +102,10 @@ def gdn_prefill_ref(
     has_initial_state: torch.Tensor,
     cu_seqlens: torch.Tensor,
     scale: float | None = None,
+    chunk_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as :func:`gdn_prefill` on the plain-PyTorch chunked reference (any device).
+    """Same contract as :func:`gdn_prefill` on the plain-PyTorch chunked reference (any device), so either
+    can stand in for the other; ``chunk_indices`` (fla's chunk table) is accepted and unused.
 
     Returns ``o [T, Hv, Dv]`` in v's dtype.
     """

@@ -62,9 +62,10 @@ class EngineConfig:
                         choices=["auto", "opaque", "string"])
     cuda_graph_sizes: list[int] | None = _f(None, "Decode batch sizes to capture (default 1, 2, 4, 8, 16, 24, "
                                                   "... up to max_num_seqs).")
-    prefill_cuda_graphs: bool = _f(False, "Also replay prefill steps of one fresh prompt of < 64 tokens from CUDA "
-                                          "graphs (16, 32, 64 padded tokens): the host time of an eager prefill "
-                                          "is most of a short prompt's time to first token.")
+    prefill_cuda_graphs: bool = _f(True, "Also replay prefill steps of one fresh prompt of < 64 tokens from CUDA "
+                                         "graphs (16, 32, 64 padded tokens): the host time of an eager prefill "
+                                         "is most of a short prompt's time to first token (57 -> 11 ms on the "
+                                         "35B-A3B shape, H200).")
     seed: int = _f(0, "Seed of the sampler's default generator and of dummy weights.")
     tensor_parallel_size: int = _f(1, "Processes/GPUs the model is split over (gloo on CPU, NCCL on GPU).")
     debug_step_delay_ms: float = _f(0.0, "TEST ONLY: sleep this long in every engine step (to check that "
@@ -153,7 +154,9 @@ class EngineConfig:
             if meta.get("positional"):
                 parser.add_argument(f.name, nargs="?", default=f.default, help=meta["help"])
             elif f.type in ("bool", bool):
-                parser.add_argument(flag, action="store_true", help=meta["help"])
+                # --flag / --no-flag: a flag on by default can still be turned off
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                    help=meta["help"])
             elif f.name == "cuda_graph_sizes":
                 parser.add_argument(flag, type=lambda s: [int(x) for x in s.split(",")], default=None,
                                     help=meta["help"] + " Comma-separated.")

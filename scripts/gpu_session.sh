@@ -78,9 +78,9 @@ for stage in "$@"; do
         --b "--load-format dummy --max-num-seqs 16 --inproj fused" --trials ${TRIALS:-3} --concurrency 1,2,4,8,16 --max-tokens ${AB_TOKENS:-256} \
         --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 --output "$LOGS/$stage" ;;
     startup35b) run startup35b python3 -m deltaserve.cli bench startup /tmp/m35cfg --load-format dummy --cold --runs 1 \
-                  --output "$LOGS/startup35b.json" ;;
+                  --log-dir "$LOGS/startup35b-servers" --output "$LOGS/startup35b.json" ;;
     ttft35b)  # one server, 30 sequential streamed requests of ~30-token prompts (chat template included);
-              # SERVE_FLAGS="--prefill-cuda-graphs" for the graphed short prefill
+              # SERVE_FLAGS="--no-prefill-cuda-graphs" for the eager short prefill
       python3 -m deltaserve.cli serve /tmp/m35cfg --load-format dummy --port 8123 ${SERVE_FLAGS:-} > "$LOGS/ttft-server.log" 2>&1 &
       spid=$!
       for _ in $(seq 300); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health')" 2>/dev/null && break; sleep 0.5; done

@@ -220,6 +220,19 @@ def test_start_up_warm_shapes_fit_the_limits_and_run(model_dir):
     llm.shutdown()
 
 
+def test_boolean_flags_turn_on_and_off_from_the_cli():
+    import argparse
+
+    from deltaserve.config import EngineConfig
+
+    p = argparse.ArgumentParser()
+    EngineConfig.add_cli_args(p)
+    default = EngineConfig.from_cli_args(p.parse_args([]))
+    assert default.prefill_cuda_graphs and not default.enforce_eager
+    off = EngineConfig.from_cli_args(p.parse_args(["--no-prefill-cuda-graphs", "--enforce-eager"]))
+    assert not off.prefill_cuda_graphs and off.enforce_eager
+
+
 def test_prefill_graph_eligibility_and_sizes(monkeypatch):
     from deltaserve.config import EngineConfig
     from deltaserve.engine.batch import SeqInput

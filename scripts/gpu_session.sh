@@ -89,6 +89,8 @@ for stage in "$@"; do
     fla-configs)  # record fla's autotune picks on this card (deltaserve/configs/fla/<GPU>/), brought back in the logs
       run fla-configs python3 scripts/dump_fla_configs.py --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35}
       [ -d deltaserve/configs/fla ] && mkdir -p "$LOGS/fla-configs" && cp -r deltaserve/configs/fla/. "$LOGS/fla-configs/" ;;
+    cold-profile) run cold-profile python3 scripts/cold_start_profile.py --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
+                    --output "$LOGS/cold-profile.json" ;;
     gdn-vs-fla) run gdn-vs-fla python3 scripts/bench_gdn_decode.py --output "$LOGS/gdn-vs-fla.json" ;;
     moe) run moe python3 scripts/bench_moe.py ${MOE_SWEEP:+--sweep} ;;
     gemv) run gemv python3 scripts/bench_gemv.py --output "$LOGS/gemv.json" ;;

@@ -47,10 +47,25 @@ def wrap_triton_compile() -> float:
             fn = getattr(src, "fn", None)
             name = getattr(fn, "__name__", None) or getattr(src, "name", "?")
             COMPILES.append({"kernel": name, "module": getattr(fn, "__module__", "?"), "start_s": start,
-                             "seconds": since_start() - start})
+                             "seconds": since_start() - start, "key": specialisation(src)})
 
     compiler.compile = timed
     return took
+
+
+def specialisation(src) -> dict[str, str]:
+    """What this compile was specialised on, per argument name: constexpr values, and the attributes
+    Triton inferred for plain arguments (``tt.divisibility`` 16 for aligned pointers and multiples of 16)."""
+    names = list(getattr(getattr(src, "fn", None), "arg_names", []))
+
+    def arg(path) -> str:
+        i = path[0] if isinstance(path, tuple) and path else path
+        return names[i] if isinstance(i, int) and i < len(names) else str(path)
+
+    key = {arg(p): f"={v}" for p, v in (getattr(src, "constants", None) or {}).items()}
+    for p, attrs in (getattr(src, "attrs", None) or {}).items():
+        key[arg(p)] = key.get(arg(p), "") + "".join(f"[{a}={v}]" for a, v in attrs)
+    return key
 
 
 def timed_import(name: str, table: dict[str, float]) -> None:
@@ -123,6 +138,14 @@ def main() -> int:
     print("\nkernel                                                    compiles  seconds")
     for k, v in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:40]:
         print(f"  {k:<56} {len(v):8d} {sum(v):8.2f}")
+    print("\nwhat differs between one kernel's compiles (argument: its values)")
+    for k in sorted(by_kernel, key=lambda k: -sum(by_kernel[k])):
+        keys = [c["key"] for c in COMPILES if f"{c['module'].split('.')[0]}:{c['kernel']}" == k]
+        if len(keys) < 2:
+            continue
+        varying = {a: sorted({kk.get(a, "-") for kk in keys}) for a in set().union(*keys)}
+        varying = {a: v for a, v in varying.items() if len(v) > 1}
+        print(f"  {k} ({len(keys)}): " + "; ".join(f"{a}: {' | '.join(v)}" for a, v in sorted(varying.items())))
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"imports": imports, "timeline": list(zip(marks, names)), "compiles": COMPILES}, f, indent=1)

@@ -45,6 +45,9 @@ for stage in "$@"; do
                 tests/test_gdn_prefill_recurrent.py tests/test_engine_gpu.py::test_prefill_graphs_equal_eager_prefill \
                 tests/test_engine_gpu.py::test_bf16_gpu_matches_fp32_cpu_reference \
                 tests/test_engine_gpu.py::test_tiny_moe_and_next_gpu_match_cpu ;;
+    kernels-spec) run kernels-spec python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
+                    tests/test_paged_attention_gpu.py tests/test_gdn_kernels_gpu.py::test_conv_prefill_real_shapes \
+                    tests/test_fused_moe_gpu.py -k "not bench and not router and not matches_reference" ;;
     kernels-rest) run kernels-rest python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 \
                     tests/test_qk_norm_rope_gpu.py tests/test_skinny_gemm.py ;;
     engine) run engine python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py ;;
@@ -96,6 +99,7 @@ for stage in "$@"; do
     gemv) run gemv python3 scripts/bench_gemv.py --output "$LOGS/gemv.json" ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;
+    layer35) run layer35 python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$LOGS/layer35.json" ;;
     layer) run layer35 python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$LOGS/layer35.json"
            run layer122 python3 -m deltaserve.cli bench layer --preset qwen3.5-122b-a10b --layers 36 --output "$LOGS/layer122.json" ;;
     offline9b) run offline9b python3 -m deltaserve.cli bench offline --preset qwen3.5-9b --batch 1,2,4,8,16 --output-len 128 \

@@ -65,7 +65,7 @@ def _conv1d_update_kernel(
     tl.store(out_ptr + i_b * stride_o + ch, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # the batch's sequence count: one binary for all
 def _conv1d_prefill_kernel(
     x_ptr, w_ptr, out_ptr, cu_ptr, ctx_ptr, states_ptr, idx_ptr,
     N, stride_x, stride_o,
@@ -186,7 +186,7 @@ def causal_conv1d_prefill(
         x, weight, out, cu_seqlens, context_lens,
         conv_states if has_state else x, state_indices if has_state else cu_seqlens,
         n, x.stride(0), out.stride(0),
-        D=D, W=W, NP=triton.next_power_of_2(n), BT=_PREFILL_BT, BD=_PREFILL_BD,
+        D=D, W=W, NP=max(16, triton.next_power_of_2(n)), BT=_PREFILL_BT, BD=_PREFILL_BD,  # NP: few variants
         WP=triton.next_power_of_2(W - 1), HAS_STATE=has_state, ACTIVATION=activation,
     )
     return out

@@ -102,13 +102,20 @@ def pick_config(num_pairs: int, H: int, I: int) -> MoeConfig:
     raise AssertionError("unreachable: the last bucket is unbounded")
 
 
+def align_chunk(num_pairs: int) -> int:
+    """``_moe_align_kernel``'s CHUNK (pairs per loop step, a constexpr): two sizes, not one per power of two,
+    so that the batch sizes of a server's life compile the kernel twice (a decode batch of <= 16 tokens at
+    k = 8 is one 128-pair step: 4 warps are 128 lanes, so a narrower chunk would not be faster)."""
+    return 128 if num_pairs <= 128 else 1024
+
+
 def padded_sizes(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, int]:
     """``(max_padded, max_blocks)``: every hit expert pads by < BLOCK_M, and at most min(E, M) are hit."""
     max_blocks = (num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m
     return max_blocks * block_m, max_blocks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_padded", "max_blocks"])
 def _moe_align_kernel(
     ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, cursor_ptr,
     num_pairs, max_padded, max_blocks,
@@ -168,7 +175,7 @@ def moe_align_triton(
     cursor = _empty(block_e, dtype=torch.int32, device=dev)
     _moe_align_kernel[(1,)](
         topk_ids.reshape(-1), sorted_ids, expert_ids, num_post, cursor, M, max_padded, max_blocks,
-        BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=min(1024, max(16, triton.next_power_of_2(M))),
+        BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=align_chunk(M),
         FILL=1024, num_warps=4,
     )  # fmt: skip
     return sorted_ids, expert_ids, num_post
@@ -195,7 +202,7 @@ def moe_align_torch(
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _w13_silu_kernel(
     x_ptr, w13_ptr, inter_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr,
     num_pairs,
@@ -241,7 +248,7 @@ def _w13_silu_kernel(
     tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _w2_kernel(
     inter_ptr, w2_ptr, out_ptr, weights_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr,
     num_pairs,

@@ -125,7 +125,7 @@ def store_kv(
 # --------------------------------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width varies per step
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, o_ptr, gate_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
     scale_log2,
@@ -273,7 +273,7 @@ def paged_attention_decode(
 # --------------------------------------------------------------------------------------- prefill
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width varies per step
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, seq_lens_ptr, o_ptr, gate_ptr,
     scale_log2,

@@ -25,10 +25,13 @@ MAX_M = 16
 
 @dataclass(frozen=True)
 class GemvConfig:
-    block_n: int = 16
+    # The default won scripts/bench_gemv.py's sweep on an H200 (2026-11-28, docs/perf/2026-11-28c.md) on
+    # every GDN in_proj shape at M = 1, 4, 16: 35B-A3B 14.6 us (1.21x the floor; cuBLAS 16.0, the old
+    # 16 x 256 / 4 stages 20.2), 9B 26.1 us (1.08x; cuBLAS 28.9), 122B-A10B 31.6 us (1.04x; cuBLAS 33.6).
+    block_n: int = 32
     block_k: int = 256
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 3
 
 
 DEFAULT = GemvConfig()

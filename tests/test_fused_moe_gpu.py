@@ -264,6 +264,15 @@ def test_route_logits_kernel_real_shapes(T, shared):
     logits = torch.randn(T, 256 + shared, device="cuda", generator=g).to(torch.bfloat16)
     got_w, got_ids = moe_route_logits(logits, 8, True, shared)
     want_w, want_ids = moe_route_logits(logits.cpu(), 8, True, shared)
-    # bf16 logits can tie exactly; compare the chosen experts' weights where the ids agree, and the sets
-    assert (got_ids.cpu() == want_ids).float().mean().item() > 0.99
+    # bf16 logits tie exactly in about one row of five (8 of 256 normal samples, bf16's 8-bit mantissa),
+    # and tied experts may come in either order or either of two tied experts may be chosen: the ids
+    # must be k distinct experts whose logits are exactly the k largest, and the weights must agree.
+    ids = got_ids.cpu().long()
+    routed = ids[:, :8]
+    assert ((routed >= 0) & (routed < 256)).all()
+    assert (routed.sort(-1).values.diff(dim=-1) > 0).all(), "an expert chosen twice"
+    chosen = logits.cpu().float().gather(1, routed).sort(-1, descending=True).values
+    torch.testing.assert_close(chosen, logits.cpu().float()[:, :256].topk(8, -1).values, rtol=0, atol=0)
+    if shared:
+        assert (ids[:, 8] == 256).all() and (want_ids[:, 8] == 256).all()
     torch.testing.assert_close(got_w.cpu().sort(-1).values, want_w.sort(-1).values, rtol=1e-5, atol=1e-6)

@@ -205,7 +205,7 @@ def test_inputs_are_validated():
     "Hq,Hkv,D,block_size,dtype",
     [(4, 2, 64, 16, torch.float32), (8, 1, 64, 16, torch.float32), (4, 2, 80, 32, torch.float16)],
 )
-@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 20])
 def test_triton_decode_matches_ref(Hq, Hkv, D, block_size, dtype, num_splits, kernel_device):
     paged = Paged([17, 1, 70], Hkv, D, block_size, dtype)
     to = {"device": kernel_device}
@@ -218,6 +218,17 @@ def test_triton_decode_matches_ref(Hq, Hkv, D, block_size, dtype, num_splits, ke
     ref = paged_attention_decode_ref(q, kc, vc, bt, sl, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(o.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@needs_triton
+def test_triton_decode_with_more_than_16_live_splits(kernel_device):
+    """20 splits that all hold tokens (the reduce's 64-wide split vector, masked past the live ones)."""
+    paged = Paged([2550, 5], 2, 64, 16, torch.float32)  # 40 tiles of 64: 2 per split, 20 live
+    to = {"device": kernel_device}
+    kc, vc, bt, sl = (t.to(**to) for t in (paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens))
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(6)).to(**to)
+    o = paged_attention_decode(q, kc, vc, bt, sl, 0.125, num_splits=20, force_triton=True)
+    torch.testing.assert_close(o, paged_attention_decode_ref(q, kc, vc, bt, sl, 0.125), atol=1e-5, rtol=1e-5)
 
 
 @needs_triton

@@ -65,7 +65,9 @@ def _conv1d_update_kernel(
     tl.store(out_ptr + i_b * stride_o + ch, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N"])  # the batch's sequence count: one binary for all
+# N (the batch's sequence count) and the metadata's alignment (slices past a mixed step's decodes) vary per
+# step; neither needs a specialisation (the metadata is read one entry at a time).
+@triton.jit(do_not_specialize=["N"], do_not_specialize_on_alignment=["cu_ptr", "ctx_ptr", "idx_ptr"])
 def _conv1d_prefill_kernel(
     x_ptr, w_ptr, out_ptr, cu_ptr, ctx_ptr, states_ptr, idx_ptr,
     N, stride_x, stride_o,

@@ -75,7 +75,9 @@ class MoeConfig:
 #   [k, 2, 512] tile over all k experts (18 KB; 1024 programs). The former tiles ([4, 256] in 8 steps
 #   over H, and a loop over the k experts) made each program wait on ~8-9 dependent DRAM round trips,
 #   which fits the 29.6 us (41% of the floor) measured at T=1. 8 warps keep the wide tiles out of
-#   register spills. The new tiles are a prediction, not yet timed: scripts/bench_moe.py --sweep.
+#   register spills. Timed on an H200 (scripts/bench_moe.py --sweep, 2026-11-28, docs/perf/2026-11-28c.md):
+#   these tiles with [4, 2048] w13 tiles and 8 warps took 21.9 us at T=1 (61% of the floor); [2, 2048]
+#   w13 tiles with 4 warps won the sweep, 20.4 us (65%), and are within 1% of the best at T=2 and 4.
 # - decode batches: BLOCK_M 16 (tl.dot's minimum), narrow N tiles so that the touched experts give
 #   several programs per SM, long K tiles for wide weight loads.
 # - prefill: BLOCK_M 32-64; 120-180 TFLOP/s end to end at T=2048 (far from the tensor-core peak;
@@ -86,7 +88,7 @@ _CONFIGS: dict[tuple[int, int, int], MoeConfig] = {
     (40, 3072, 1024): MoeConfig(16, 4, 1024, 2, 512, num_warps=8, num_stages=1, gemv=True),
 }
 _DEFAULT_BUCKETS: list[tuple[int, MoeConfig]] = [
-    (40, MoeConfig(16, 4, 2048, 2, 512, num_warps=8, num_stages=1, gemv=True)),
+    (40, MoeConfig(16, 2, 2048, 2, 512, num_warps=4, num_stages=1, gemv=True)),
     (160, MoeConfig(16, 32, 256, 32, 128, num_warps=4, num_stages=3)),
     (1024, MoeConfig(16, 64, 256, 128, 128, num_warps=4, num_stages=3)),
     (8192, MoeConfig(32, 128, 128, 128, 128, num_warps=4, num_stages=3)),

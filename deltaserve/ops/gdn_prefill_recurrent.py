@@ -31,7 +31,8 @@ from deltaserve.ops.gdn_decode import (
 from deltaserve.ops.gdn_prefill import _check
 
 
-@triton.jit
+# Per-sequence metadata (slots, flags, bounds) is read one entry at a time: no alignment specialisation.
+@triton.jit(do_not_specialize_on_alignment=["idx_ptr", "init_ptr", "cu_ptr"])
 def _gdn_prefill_recurrent_kernel(
     q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, init_ptr, cu_ptr, o_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sa_t, sb_t, scale,

@@ -125,28 +125,31 @@ def store_kv(
 # --------------------------------------------------------------------------------------- decode
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width varies per step
+# The split count and the block-table width are run-time arguments, not specialised: they change with the
+# batch size, and as constexprs they compiled the decode kernel once per captured batch size (9 times at
+# start-up on the 35B-A3B shape). SPLIT (num_splits > 1) picks the code path.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, o_ptr, gate_ptr, part_o_ptr, part_m_ptr, part_l_ptr,
-    scale_log2,
+    scale_log2, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_gb, stride_gh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_bt,
     HQ: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
     HAS_GATE: tl.constexpr,
 ):  # fmt: skip
     # Invariant: split s of a sequence covers KV tiles [s * per, min((s + 1) * per, n_tiles)) with
-    # per = max(1, cdiv(n_tiles, NUM_SPLITS)) computed from the live seq_len; the reduce kernel
+    # per = max(1, cdiv(n_tiles, num_splits)) computed from the live seq_len; the reduce kernel
     # recomputes the same bounds, so splits past the end write nothing and are never read.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     n_tiles = tl.cdiv(seq_len, BLOCK_N)
-    per = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), 1)
+    per = tl.maximum(tl.cdiv(n_tiles, num_splits), 1)
     tile_lo = split * per
     tile_hi = tl.minimum(tile_lo + per, n_tiles)
-    if NUM_SPLITS > 1:
+    if SPLIT:
         if tile_lo >= tile_hi:
             return
 
@@ -180,32 +183,33 @@ def _decode_kernel(
         m_i = m_new
 
     omask = gmask[:, None] & dmask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         # seq_len == 0 (a padded CUDA-graph slot) leaves l_i == 0: write zeros, not NaN.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         g_ptrs = gate_ptr + b * stride_gb + heads[:, None] * stride_gh + d[None, :]
         out = _epilogue(out, g_ptrs, omask, HAS_GATE, o_ptr.dtype.element_ty)
         tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out, mask=omask)
     else:
-        row = (b * HQ + heads).to(tl.int64) * NUM_SPLITS + split  # part_m/l [B, Hq, S]
+        row = (b * HQ + heads).to(tl.int64) * num_splits + split  # part_m/l [B, Hq, S]
         tl.store(part_m_ptr + row, m_i, mask=gmask)
         tl.store(part_l_ptr + row, l_i, mask=gmask)
         tl.store(part_o_ptr + row[:, None] * D + d[None, :], acc, mask=omask)  # part_o [B, Hq, S, D]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
-    part_o_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, o_ptr, gate_ptr, stride_ob, stride_oh, stride_gb, stride_gh,
+    part_o_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, o_ptr, gate_ptr, num_splits,
+    stride_ob, stride_oh, stride_gb, stride_gh,
     HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HAS_GATE: tl.constexpr,
+    S_PAD: tl.constexpr, HAS_GATE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
     n_tiles = tl.cdiv(seq_len, BLOCK_N)
-    per = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), 1)
+    per = tl.maximum(tl.cdiv(n_tiles, num_splits), 1)
     active = tl.cdiv(n_tiles, per)  # splits that wrote a partial result
-    base = (b * HQ + h).to(tl.int64) * NUM_SPLITS
+    base = (b * HQ + h).to(tl.int64) * num_splits
     s = tl.arange(0, S_PAD)
     m = tl.load(part_m_ptr + base + s, mask=s < active, other=float("-inf"))
     l = tl.load(part_l_ptr + base + s, mask=s < active, other=0.0)
@@ -253,18 +257,18 @@ def paged_attention_decode(
     g = gate if gate is not None else o  # unused without a gate
     _decode_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o, g, part_o, part_m, part_l,
-        scale * _LOG2E,
+        scale * _LOG2E, splits,
         q.stride(0), q.stride(1), o.stride(0), o.stride(1), g.stride(0), g.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HQ=Hq, G=G, G_PAD=_pow2(G, 16), D=D, D_PAD=_pow2(D), PAGE=k_cache.shape[1],
-        BLOCK_N=block_n, NUM_SPLITS=splits, DOT_PREC=_dot_precision(q), HAS_GATE=gate is not None,
+        BLOCK_N=block_n, SPLIT=splits > 1, DOT_PREC=_dot_precision(q), HAS_GATE=gate is not None,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _decode_reduce_kernel[(B, Hq)](
-            part_o, part_m, part_l, seq_lens, o, g, o.stride(0), o.stride(1), g.stride(0), g.stride(1),
-            HQ=Hq, D=D, D_PAD=_pow2(D), BLOCK_N=block_n, NUM_SPLITS=splits, S_PAD=_pow2(splits),
+            part_o, part_m, part_l, seq_lens, o, g, splits, o.stride(0), o.stride(1), g.stride(0), g.stride(1),
+            HQ=Hq, D=D, D_PAD=_pow2(D), BLOCK_N=block_n, S_PAD=16 if splits <= 16 else _pow2(_MAX_SPLITS),
             HAS_GATE=gate is not None, num_warps=2,
         )  # fmt: skip
     return o
@@ -273,7 +277,11 @@ def paged_attention_decode(
 # --------------------------------------------------------------------------------------- prefill
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width varies per step
+# In a mixed step the prefill's metadata (block tables, lengths) are slices past the step's decodes, so
+# their addresses are 16-byte aligned in some steps and not in others; read one entry at a time, they need
+# no alignment specialisation (which compiled this kernel three times at start-up).
+@triton.jit(do_not_specialize=["stride_bt"],
+            do_not_specialize_on_alignment=["bt_ptr", "cu_ptr", "seq_lens_ptr"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, seq_lens_ptr, o_ptr, gate_ptr,
     scale_log2,

@@ -15,7 +15,7 @@ def _rand(*shape, dtype, device, seed=0):
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
 
-@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 64])
 @pytest.mark.parametrize("N,K", [(40, 64), (37, 300), (130, 256)])
 def test_matches_linear_fp32(kernel_device, M, N, K):
     x = _rand(M, K, dtype=torch.float32, device=kernel_device)
@@ -33,9 +33,15 @@ def test_half_precision_and_row_strided_input(kernel_device):
     torch.testing.assert_close(got.float(), skinny_linear_ref(x.float(), w.float()), rtol=2e-2, atol=2e-2)
 
 
+def test_inproj_routes_to_the_kernel_up_to_its_row_limit():
+    from deltaserve.layers.inproj import GEMV_MAX_TOKENS
+
+    assert GEMV_MAX_TOKENS == MAX_M
+
+
 def test_bad_input_names_the_problem(kernel_device):
     w = torch.zeros(8, 32, device=kernel_device)
-    with pytest.raises(ValueError, match="M=17"):
+    with pytest.raises(ValueError, match="M=65"):
         skinny_linear(torch.zeros(MAX_M + 1, 32, device=kernel_device), w)
     with pytest.raises(ValueError, match="x \\[M, K\\] and w \\[N, K\\]"):
         skinny_linear(torch.zeros(2, 31, device=kernel_device), w)
@@ -44,7 +50,7 @@ def test_bad_input_names_the_problem(kernel_device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("N,K", [(12352, 2048), (2048, 4096), (20608, 3072), (17, 4096)])
 def test_real_shapes_bf16_on_gpu(M, N, K):
     x = _rand(M, K, dtype=torch.bfloat16, device="cuda")
@@ -59,7 +65,7 @@ def test_fused_gemv_inproj_equals_fused():
     from deltaserve.layers.inproj import FUSED_GEMV, project
 
     w = _rand(12352, 2048, dtype=torch.bfloat16, device="cuda", seed=2) * 0.02
-    for m in (1, 5, 16):
+    for m in (1, 5, 16, 40, 64):
         x = _rand(m, 2048, dtype=torch.bfloat16, device="cuda", seed=m)
         for got, want in zip(project(x, w, 12288, FUSED_GEMV, None), project(x, w, 12288, "fused", None)):
             assert got.shape == want.shape

@@ -2,7 +2,7 @@
 
 Builds ``--layers`` GDN layers at a preset's real shapes with distinct random weights, and times each
 strategy over all of them inside one CUDA graph (``layers/inproj_tune.py``); ``gemv`` is the fused GEMM
-computed by our skinny-GEMM kernel (M <= 16). The floor is the bytes one layer's projection must move
+computed by our skinny-GEMM kernel (M <= 64). The floor is the bytes one layer's projection must move
 (its weight, the input and the outputs) at the copy bandwidth of this card.
 """
 

@@ -10,7 +10,7 @@ cost and compute the same function by construction:
 * ``fused``:  one GEMM over the whole ``W``, then a split;
 * ``auto``:   per token-count bucket, whichever measured fastest at start-up
   (:func:`deltaserve.layers.inproj_tune.tune_inproj`); on the CPU it is ``fused``. On CUDA ``auto``
-  also times ``fused_gemv`` for buckets of at most 16 tokens: the same single GEMM computed by our
+  also times ``fused_gemv`` for buckets of at most 64 tokens: the same single GEMM computed by our
   skinny-GEMM kernel (``ops/skinny_gemm.py``) instead of cuBLAS.
 """
 
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from deltaserve.layers.layer_ref import CompileOp, LayerRef, define_layer_op, layer_op
 
 STRATEGIES = ("serial", "dual", "fused", "auto")  # what a user may ask for
-FUSED_GEMV = "fused_gemv"  # fused, by the skinny-GEMM kernel: only ``auto`` picks it, for <= 16 tokens
+FUSED_GEMV = "fused_gemv"  # fused, by the skinny-GEMM kernel: only ``auto`` picks it, for few tokens
+GEMV_MAX_TOKENS = 64  # the skinny-GEMM kernel's limit (ops.skinny_gemm.MAX_M; a test keeps them equal)
 
 
 @CompileOp.define("deltaserve::skinny_linear")
@@ -99,7 +100,7 @@ class InProjPlan:
 
 def project(x: torch.Tensor, weight: torch.Tensor, qkvz_size: int, strategy: str, arg) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [T, H]`` -> ``(qkvz [T, 2k+2v], ba [T, 2Hv])`` using ``strategy``."""
-    if strategy == FUSED_GEMV and x.is_cuda and x.shape[0] <= 16:
+    if strategy == FUSED_GEMV and x.is_cuda and x.shape[0] <= GEMV_MAX_TOKENS:
         y = skinny_linear_op(x, weight)  # the same one GEMM, by our decode kernel
         return y[:, :qkvz_size], y[:, qkvz_size:]
     if strategy in ("fused", FUSED_GEMV):

@@ -11,13 +11,12 @@ import logging
 
 import torch
 
-from deltaserve.layers.inproj import FUSED_GEMV, InProjPlan, project
+from deltaserve.layers.inproj import FUSED_GEMV, GEMV_MAX_TOKENS, InProjPlan, project
 
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 CONCRETE = ("serial", "dual", "fused", FUSED_GEMV)
-GEMV_MAX_TOKENS = 16  # the skinny-GEMM kernel's limit
 
 
 def time_graph(run, per: int = 1, replays: int = 20) -> float:

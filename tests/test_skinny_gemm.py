@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltaserve.ops.skinny_gemm import MAX_M, GemvConfig, skinny_linear, skinny_linear_ref
+from deltaserve.ops.skinny_gemm import (
+    MAX_M,
+    GemvConfig,
+    skinny_linear,
+    skinny_linear_ref,
+    skinny_norm_linear,
+    skinny_norm_linear_ref,
+)
 
 pytest.importorskip("triton")
 
@@ -33,6 +40,84 @@ def test_half_precision_and_row_strided_input(kernel_device):
     torch.testing.assert_close(got.float(), skinny_linear_ref(x.float(), w.float()), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("M", [1, 5, 17, 64])
+@pytest.mark.parametrize("N,K", [(40, 64), (37, 300)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_in_the_prologue_matches_norm_then_linear_fp32(kernel_device, M, N, K, with_residual):
+    x = _rand(M, K, dtype=torch.float32, device=kernel_device)
+    r = _rand(M, K, dtype=torch.float32, device=kernel_device, seed=2) if with_residual else None
+    g = _rand(K, dtype=torch.float32, device=kernel_device, seed=3) * 0.1
+    w = _rand(N, K, dtype=torch.float32, device=kernel_device, seed=1)
+    y, h = skinny_norm_linear(x, r, g, 1e-6, w, GemvConfig(block_n=16, block_k=64))
+    y_ref, h_ref = skinny_norm_linear_ref(x, r, g, 1e-6, w)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)  # the residual is written exactly (several programs)
+    if not with_residual:
+        assert h is x
+
+
+def test_norm_in_the_prologue_half_precision(kernel_device):
+    dtype = torch.float16 if kernel_device == "cpu" else torch.bfloat16
+    x, r = _rand(3, 192, dtype=dtype, device=kernel_device), _rand(3, 192, dtype=dtype, device=kernel_device, seed=2)
+    g = _rand(192, dtype=dtype, device=kernel_device, seed=3) * 0.1
+    w = _rand(72, 192, dtype=dtype, device=kernel_device, seed=1) * 0.1
+    y, h = skinny_norm_linear(x, r, g, 1e-6, w, GemvConfig(block_n=32, block_k=64))
+    y_ref, h_ref = skinny_norm_linear_ref(x, r, g, 1e-6, w)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)  # the same rounding of x + r as the norm kernel
+    assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() < 1e-2
+
+
+def test_norm_in_the_prologue_names_bad_input(kernel_device):
+    x, w = torch.zeros(2, 32, device=kernel_device), torch.zeros(8, 32, device=kernel_device)
+    g = torch.zeros(32, device=kernel_device)
+    with pytest.raises(ValueError, match="M=65"):
+        skinny_norm_linear(torch.zeros(65, 32, device=kernel_device), None, g, 1e-6, w)
+    with pytest.raises(ValueError, match="norm_weight must be \\[32\\]"):
+        skinny_norm_linear(x, None, g[:31], 1e-6, w)
+    with pytest.raises(ValueError, match="residual shape"):
+        skinny_norm_linear(x, torch.zeros(3, 32, device=kernel_device), g, 1e-6, w)
+
+
+def test_model_with_the_input_norm_in_the_in_proj_prologue(monkeypatch, tmp_path):
+    """The decoder wiring of the fused path (norm_project): a tiny fp32 model whose every GDN in_proj is
+    ``fused_gemv`` (the kernel, under the interpreter on the CPU) equals the same model with ``fused``,
+    through a prefill (layer 0 has no residual) and decode steps (later layers add theirs)."""
+    from model_utils import Runner
+
+    import deltaserve.layers.inproj as inproj
+    from deltaserve.layers.inproj import FUSED_GEMV, InProjPlan
+    from deltaserve.models.loader import load_model
+    from deltaserve.models.make_model import make_model
+
+    calls, add_calls = [], []
+    real, real_add = inproj.skinny_norm_linear_op.fn, inproj.skinny_add_norm_linear_op.fn
+
+    def counting(*args):
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    def counting_add(*args):
+        add_calls.append(args[0].shape[0])
+        return real_add(*args)
+
+    d = make_model("tiny", tmp_path, dtype="float32", seed=4)
+    gemv = InProjPlan("auto")
+    gemv.set_table({8192: FUSED_GEMV})
+    monkeypatch.setattr(inproj, "skinny_serves", lambda s, x: s == FUSED_GEMV and x.shape[0] <= inproj.GEMV_MAX_TOKENS)
+    monkeypatch.setattr(inproj.skinny_norm_linear_op, "fn", counting)
+    monkeypatch.setattr(inproj.skinny_add_norm_linear_op, "fn", counting_add)
+    runs = {}
+    for name, plan in (("fused", InProjPlan("fused")), ("gemv", gemv)):
+        runner = Runner(load_model(d, dtype=torch.float32, plan=plan))
+        seq, logits = runner.prefill(list(range(3, 20)))
+        runs[name] = [logits] + [runner.step([(seq, [t])]) for t in (21, 22)]
+    for got, want in zip(runs["gemv"], runs["fused"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert calls == [17, 1, 1]  # layer 0 of each step has no residual: the norm-only variant
+    n_gdn = sum(layer.is_gdn for layer in load_model(d, dtype=torch.float32).model.layers)
+    assert n_gdn >= 2 and add_calls == [17] * (n_gdn - 1) + [1] * (n_gdn - 1) * 2
+
+
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():
     from deltaserve.layers.inproj import GEMV_MAX_TOKENS
 
@@ -57,6 +142,18 @@ def test_real_shapes_bf16_on_gpu(M, N, K):
     w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=1) * 0.02
     got, want = skinny_linear(x, w).float(), skinny_linear_ref(x.float(), w.float())
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 7, 16, 64])
+@pytest.mark.parametrize("N,K", [(12352, 2048), (12352, 4096), (20608, 3072)])
+def test_norm_in_the_prologue_real_shapes_bf16_on_gpu(M, N, K):
+    x, r = _rand(M, K, dtype=torch.bfloat16, device="cuda"), _rand(M, K, dtype=torch.bfloat16, device="cuda", seed=2)
+    g = _rand(K, dtype=torch.bfloat16, device="cuda", seed=3) * 0.1
+    w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=1) * 0.02
+    (y, h), (y_ref, h_ref) = skinny_norm_linear(x, r, g, 1e-6, w), skinny_norm_linear_ref(x, r, g, 1e-6, w)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() < 1e-2
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ from torch import nn
 
 from deltaserve.distributed import divide, tp_rank, tp_size
 from deltaserve.forward_context import get_batch
-from deltaserve.layers.inproj import InProjPlan, project
+from deltaserve.layers.inproj import InProjPlan, norm_project, project
 from deltaserve.layers.layer_ref import LayerRef, define_layer_op, layer_arg, layer_op
 from deltaserve.layers.linear import (
     MergedColumnParallelLinear,
@@ -68,8 +68,20 @@ class GatedDeltaNet(nn.Module):
         self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]``, already normalised -> ``[T, H]``."""
         T = x.shape[0]
-        qkvz, ba = project(x, self.in_proj.weight, self.qkvz_size, self.plan.choose(T), self.layer)
+        return self._mix(*project(x, self.in_proj.weight, self.qkvz_size, self.plan.choose(T), self.layer))
+
+    def forward_from_residual(self, x: torch.Tensor, residual: torch.Tensor | None,
+                              norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layer's ``norm`` (of ``x + residual``) and this mixer: ``(out [T, H], residual)``.
+        At decode sizes the norm can run inside the in_proj GEMM (:func:`norm_project`)."""
+        (qkvz, ba), residual = norm_project(x, residual, norm, self.in_proj.weight, self.qkvz_size,
+                                            self.plan.choose(x.shape[0]), self.layer)
+        return self._mix(qkvz, ba), residual
+
+    def _mix(self, qkvz: torch.Tensor, ba: torch.Tensor) -> torch.Tensor:
+        T = qkvz.shape[0]
         mixed_qkv, z = qkvz[:, : self.conv_dim], qkvz[:, self.conv_dim :]  # [T, conv_dim], [T, v]
         b, a = ba[:, : self.num_v_heads], ba[:, self.num_v_heads :]  # [T, Hv] each
         o = layer_op("gdn_core", self.layer)(mixed_qkv, b, a, self.layer)  # [T, Hv, Dv]

@@ -40,8 +40,11 @@ class DecoderLayer(nn.Module):
 
         The residual adds are fused into the next norm: ``x + residual`` is formed by the norm kernel.
         """
-        h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
-        h = self.linear_attn(h) if self.is_gdn else self.self_attn(h, positions)
+        if self.is_gdn:  # the norm may run inside the GDN in_proj's GEMM (decode sizes, see norm_project)
+            h, residual = self.linear_attn.forward_from_residual(x, residual, self.input_layernorm)
+        else:
+            h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+            h = self.self_attn(h, positions)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 

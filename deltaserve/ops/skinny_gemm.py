@@ -94,3 +94,104 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
+
+
+# -- the decoder layer's input norm in the GEMM's prologue -------------------------------------------
+#
+# ``y = rmsnorm(x [+ r]) @ w.T`` with the zero-centred RMSNorm ``h / rms(h) * (1 + g)``. The per-row scale
+# 1 / rms(h) commutes with the GEMM, so each program streams h once along K, accumulating both
+# ``(h * (1 + g)) @ w.T`` and ``sum(h^2)``, and applies the scale to its [M, BLOCK_N] result at the end:
+# no second pass over K, no norm launch, no normalised activation in memory. Program 0 also writes
+# ``h = x + r`` (the next residual), rounded to x's dtype as the separate norm kernel rounds it.
+# Rounding differs from norm-then-GEMM in one place: the GEMM operand is ``h * (1 + g)`` rounded to
+# the weight dtype, where the two-launch path rounds ``h / rms(h) * (1 + g)``; the scale is applied in
+# fp32 after. Both are one bf16 rounding of the same value up to a per-row factor.
+
+
+@triton.jit(do_not_specialize=["M"])
+def _skinny_norm_gemm_kernel(
+    x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, h_ptr, M, N, K, stride_xm, stride_rm, stride_wn, stride_ym, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kk = k + offs_k
+        if EVEN_K:
+            k_ok = offs_k < BLOCK_K  # all true
+        else:
+            k_ok = kk < K
+        xmask = m_ok[:, None] & k_ok[None, :]
+        h = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
+        if HAS_RES:
+            r = tl.load(r_ptr + offs_m[:, None] * stride_rm + kk[None, :], mask=xmask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + offs_m[:, None] * K + kk[None, :], h, mask=xmask & (pid == 0))
+        hf = h.to(tl.float32)
+        sumsq += tl.sum(hf * hf, axis=1)
+        g = tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32) + 1.0
+        a = (hf * g[None, :]).to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + kk[None, :],
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+    rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+    y = acc * rstd[:, None]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+
+
+def skinny_norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w: torch.Tensor,
+    config: GemvConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rmsnorm(h) @ w.T, h)`` with ``h = x + residual`` (or ``x``), the zero-centred RMSNorm of weight
+    ``norm_weight [K]``: the decoder layer's input norm and a projection in one launch (M <= 64).
+    Without a residual the returned ``h`` is ``x`` itself."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"skinny_norm_linear needs x [M, K] and w [N, K]; got {tuple(x.shape)} and "
+                         f"{tuple(w.shape)}")  # fmt: skip
+    M, K = x.shape
+    N = w.shape[0]
+    if not 1 <= M <= MAX_M:
+        raise ValueError(f"skinny_norm_linear handles 1 <= M <= {MAX_M} rows; got M={M} (use the norm and "
+                         f"F.linear)")  # fmt: skip
+    if norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight must be [{K}]; got {tuple(norm_weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x and w must share a dtype; got {x.dtype} and {w.dtype}")
+    for name, t in (("x", x), ("w", w), ("residual", residual)):
+        if t is not None and t.stride(1) != 1:
+            raise ValueError(f"{name} needs unit stride along K (call .contiguous() first)")
+    cfg = config or DEFAULT
+    y = x.new_empty(M, N)
+    h = x.new_empty(M, K) if residual is not None else x
+    r = residual if residual is not None else x
+    _skinny_norm_gemm_kernel[(triton.cdiv(N, cfg.block_n),)](
+        x, r, norm_weight, w, y, h, M, N, K, x.stride(0), r.stride(0), w.stride(0), y.stride(0), eps,
+        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=K % cfg.block_k == 0, HAS_RES=residual is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y, h
+
+
+def skinny_norm_linear_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-launch composition it replaces: the fused add + RMSNorm, then the GEMM."""
+    from deltaserve.ops.norms import rms_norm_ref
+
+    if residual is None:
+        return F.linear(rms_norm_ref(x, norm_weight, eps), w), x
+    y, h = rms_norm_ref(x, norm_weight, eps, residual)
+    return F.linear(y, w), h

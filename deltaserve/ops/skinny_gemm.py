@@ -40,10 +40,11 @@ DEFAULT = GemvConfig()
 
 @triton.jit(do_not_specialize=["M"])  # M only masks rows: one binary per BLOCK_M
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, h_ptr, M, N, K, stride_xm, stride_rm, stride_wn, stride_ym, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    NORM: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # y = x @ w.T; with NORM, y = rmsnorm(h) @ w.T for h = x (+ r), see skinny_norm_linear.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,17 +54,36 @@ def _skinny_gemm_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK], K contiguous
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
+        # Masks constant along K when K is a multiple of BLOCK_K, so that the loads stay vectorised.
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            x_mask = m_ok[:, None]
+            w_mask = n_ok[:, None]
         else:
             k_ok = (k + offs_k) < K
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x_mask = m_ok[:, None] & k_ok[None, :]
+            w_mask = n_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if NORM:
+            if HAS_RES:  # h = x + r, rounded to x's dtype as the norm kernel rounds it; program 0 stores it
+                r = tl.load(r_ptr + offs_m[:, None] * stride_rm + (k + offs_k)[None, :], mask=x_mask, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+                tl.store(h_ptr + offs_m[:, None] * K + (k + offs_k)[None, :], x, mask=x_mask & (pid == 0))
+            hf = x.to(tl.float32)
+            sumsq += tl.sum(hf * hf, axis=1)
+            if EVEN_K:
+                g = tl.load(g_ptr + k + offs_k)
+            else:
+                g = tl.load(g_ptr + k + offs_k, mask=(k + offs_k) < K, other=0.0)
+            g = g.to(tl.float32) + 1.0
+            x = (hf * g[None, :]).to(w_ptr.dtype.element_ty)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if NORM:
+        acc = acc * (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -71,25 +91,39 @@ def _skinny_gemm_kernel(
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
     """``x [M, K]`` (M <= 64, unit stride along K), ``w [N, K]`` (row-major rows, unit stride along K)
     -> ``y [M, N]`` in x's dtype. One launch, no host sync, CUDA-graph safe."""
+    _check("skinny_linear", x, w, "F.linear")
+    y = x.new_empty(x.shape[0], w.shape[0])
+    _launch(x, None, None, w, y, y, 0.0, config or DEFAULT, norm=False)
+    return y
+
+
+def _check(fn: str, x: torch.Tensor, w: torch.Tensor, instead: str, residual: torch.Tensor | None = None) -> None:
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"skinny_linear needs x [M, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
-    M, K = x.shape
-    N = w.shape[0]
+        raise ValueError(f"{fn} needs x [M, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
+    M = x.shape[0]
     if not 1 <= M <= MAX_M:
-        raise ValueError(f"skinny_linear handles 1 <= M <= {MAX_M} rows; got M={M} (use F.linear)")
+        raise ValueError(f"{fn} handles 1 <= M <= {MAX_M} rows; got M={M} (use {instead})")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     if x.dtype != w.dtype:
         raise ValueError(f"x and w must share a dtype; got {x.dtype} and {w.dtype}")
-    if x.stride(1) != 1 or w.stride(1) != 1:
-        raise ValueError("x and w need unit stride along K (call .contiguous() first)")
-    cfg = config or DEFAULT
-    y = x.new_empty(M, N)
+    for name, t in (("x", x), ("w", w), ("residual", residual)):
+        if t is not None and t.stride(1) != 1:
+            raise ValueError(f"{name} needs unit stride along K (call .contiguous() first)")
+
+
+def _launch(x, r, g, w, y, h, eps: float, cfg: GemvConfig, norm: bool) -> None:
+    M, K = x.shape
+    N = w.shape[0]
+    has_res = r is not None
+    r = r if has_res else x  # unused without a residual (as g without NORM)
     _skinny_gemm_kernel[(triton.cdiv(N, cfg.block_n),)](
-        x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
+        x, r, g if g is not None else x, w, y, h, M, N, K, x.stride(0), r.stride(0), w.stride(0), y.stride(0), eps,
+        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=K % cfg.block_k == 0, NORM=norm, HAS_RES=has_res,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return y
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -108,45 +142,6 @@ def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # fp32 after. Both are one bf16 rounding of the same value up to a per-row factor.
 
 
-@triton.jit(do_not_specialize=["M"])
-def _skinny_norm_gemm_kernel(
-    x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, h_ptr, M, N, K, stride_xm, stride_rm, stride_wn, stride_ym, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        kk = k + offs_k
-        if EVEN_K:
-            k_ok = offs_k < BLOCK_K  # all true
-        else:
-            k_ok = kk < K
-        xmask = m_ok[:, None] & k_ok[None, :]
-        h = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
-        if HAS_RES:
-            r = tl.load(r_ptr + offs_m[:, None] * stride_rm + kk[None, :], mask=xmask, other=0.0)
-            h = (h.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + offs_m[:, None] * K + kk[None, :], h, mask=xmask & (pid == 0))
-        hf = h.to(tl.float32)
-        sumsq += tl.sum(hf * hf, axis=1)
-        g = tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32) + 1.0
-        a = (hf * g[None, :]).to(w_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + kk[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-    rstd = 1.0 / tl.sqrt(sumsq / K + eps)
-    y = acc * rstd[:, None]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
-
-
 def skinny_norm_linear(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w: torch.Tensor,
     config: GemvConfig | None = None,
@@ -154,34 +149,13 @@ def skinny_norm_linear(
     """``(rmsnorm(h) @ w.T, h)`` with ``h = x + residual`` (or ``x``), the zero-centred RMSNorm of weight
     ``norm_weight [K]``: the decoder layer's input norm and a projection in one launch (M <= 64).
     Without a residual the returned ``h`` is ``x`` itself."""
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"skinny_norm_linear needs x [M, K] and w [N, K]; got {tuple(x.shape)} and "
-                         f"{tuple(w.shape)}")  # fmt: skip
+    _check("skinny_norm_linear", x, w, "the norm and F.linear", residual)
     M, K = x.shape
-    N = w.shape[0]
-    if not 1 <= M <= MAX_M:
-        raise ValueError(f"skinny_norm_linear handles 1 <= M <= {MAX_M} rows; got M={M} (use the norm and "
-                         f"F.linear)")  # fmt: skip
     if norm_weight.shape != (K,):
         raise ValueError(f"norm_weight must be [{K}]; got {tuple(norm_weight.shape)}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"x and w must share a dtype; got {x.dtype} and {w.dtype}")
-    for name, t in (("x", x), ("w", w), ("residual", residual)):
-        if t is not None and t.stride(1) != 1:
-            raise ValueError(f"{name} needs unit stride along K (call .contiguous() first)")
-    cfg = config or DEFAULT
-    y = x.new_empty(M, N)
+    y = x.new_empty(M, w.shape[0])
     h = x.new_empty(M, K) if residual is not None else x
-    r = residual if residual is not None else x
-    _skinny_norm_gemm_kernel[(triton.cdiv(N, cfg.block_n),)](
-        x, r, norm_weight, w, y, h, M, N, K, x.stride(0), r.stride(0), w.stride(0), y.stride(0), eps,
-        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EVEN_K=K % cfg.block_k == 0, HAS_RES=residual is not None,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    _launch(x, residual, norm_weight, w, y, h, eps, config or DEFAULT, norm=True)
     return y, h
 
 

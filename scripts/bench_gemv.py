@@ -5,7 +5,7 @@ inside one CUDA graph; µs per weight is the median replay over 24. Prints cuBLA
 skinny config and the best of a small grid, each with its GB/s and its ratio to the bandwidth floor
 (weight bytes / measured copy bandwidth).
 
-    python scripts/bench_gemv.py [--m 1,4,16] [--output gemv.json]
+    python scripts/bench_gemv.py [--m 1,4,16,64] [--output gemv.json]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def time_us(fn, weights, x, replays: int = 24) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--m", default="1,4,16")
+    p.add_argument("--m", default="1,4,16,64")
     p.add_argument("--output", default=None)
     args = p.parse_args()
     bw = measure_copy_bandwidth(torch.device("cuda"))

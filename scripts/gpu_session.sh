@@ -41,10 +41,11 @@ for stage in "$@"; do
                    tests/test_skinny_gemm.py ;;
     engine-hf) run engine-hf python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                  -k transformers ;;
-    gpu-next) run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
-                tests/test_gdn_prefill_recurrent.py tests/test_engine_gpu.py::test_prefill_graphs_equal_eager_prefill \
-                tests/test_engine_gpu.py::test_bf16_gpu_matches_fp32_cpu_reference \
-                tests/test_engine_gpu.py::test_tiny_moe_and_next_gpu_match_cpu ;;
+    gpu-next) # the GPU tests of what changed since the last device session
+      run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
+        tests/test_skinny_gemm.py tests/test_paged_attention_gpu.py tests/test_gdn_prefill_recurrent.py \
+        tests/test_gdn_kernels_gpu.py::test_conv_prefill_real_shapes tests/test_engine_gpu.py::test_prefill_graphs_equal_eager_prefill \
+        tests/test_engine_gpu.py::test_bf16_gpu_matches_fp32_cpu_reference tests/test_fused_moe_gpu.py -k "not bench" ;;
     kernels-spec) run kernels-spec python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
                     tests/test_paged_attention_gpu.py tests/test_gdn_kernels_gpu.py::test_conv_prefill_real_shapes \
                     tests/test_fused_moe_gpu.py -k "not bench and not router and not matches_reference" ;;

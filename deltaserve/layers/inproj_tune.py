@@ -78,8 +78,16 @@ def tune_inproj(model, plan: InProjPlan, max_tokens: int) -> dict[int, dict[str,
     for m in BUCKETS:
         if m > max(max_tokens, 1) and results:
             break
-        results[m] = {s: time_inproj(layers, m, s, with_norm=True) for s in CONCRETE
-                      if s != FUSED_GEMV or m <= GEMV_MAX_TOKENS}
+        results[m] = {}
+        for s in CONCRETE:
+            if s == FUSED_GEMV and m > GEMV_MAX_TOKENS:
+                continue
+            try:
+                results[m][s] = time_inproj(layers, m, s, with_norm=True)
+            except Exception as e:  # the skinny GEMM's tiles may not fit a small-shared-memory card
+                if s != FUSED_GEMV or "OutOfResources" not in type(e).__name__:
+                    raise
+                logger.info("inproj=auto: fused_gemv at %d tokens does not fit this GPU (%s); not used", m, e)
     plan.set_table({m: min(t, key=t.get) for m, t in results.items()})
     lines = [f"{m:>6} " + " ".join(f"{t[s]:8.2f}" if s in t else "       -" for s in CONCRETE)
              + f"  -> {min(t, key=t.get)}" for m, t in results.items()]

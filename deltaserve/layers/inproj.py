@@ -140,7 +140,7 @@ def norm_project(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.
         else:
             y, residual = skinny_add_norm_linear_op(x, residual, norm.weight, norm.eps, weight)
         return (y[:, :qkvz_size], y[:, qkvz_size:]), residual
-    h, residual = (norm(x), x) if residual is None else norm(x, residual)
+    h, residual = norm.with_residual(x, residual)
     return project(h, weight, qkvz_size, strategy, arg), residual
 
 

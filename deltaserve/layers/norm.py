@@ -62,6 +62,11 @@ class RMSNorm(nn.Module):
             return _rms_norm(x, self.weight, self.eps)
         return _add_rms_norm(x, residual, self.weight, self.eps)
 
+    def with_residual(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoder layer's input norm: ``(norm(x + residual), x + residual)``; at layer 0 (no residual
+        yet) ``(norm(x), x)``."""
+        return (self(x), x) if residual is None else self(x, residual)
+
 
 class RMSNormGated(nn.Module):
     """GDN output norm: ``weight * (o / rms(o)) * silu(z)`` per value head (``dim = Dv``)."""

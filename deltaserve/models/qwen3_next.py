@@ -43,7 +43,7 @@ class DecoderLayer(nn.Module):
         if self.is_gdn:  # the norm may run inside the GDN in_proj's GEMM (decode sizes, see norm_project)
             h, residual = self.linear_attn.forward_from_residual(x, residual, self.input_layernorm)
         else:
-            h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+            h, residual = self.input_layernorm.with_residual(x, residual)
             h = self.self_attn(h, positions)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual

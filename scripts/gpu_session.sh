@@ -113,6 +113,8 @@ for stage in "$@"; do
     offline35b-bf16state) run offline35b-bf16state python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b \
                   ${LAYERS35:+--layers $LAYERS35} --state-dtype bfloat16 --batch 1,16 --output-len 128 --max-num-seqs 16 \
                   --output "$LOGS/offline35b-bf16state.json" ;;
+    profile35b-bf16state) run profile35b-bf16state python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b \
+                  ${LAYERS35:+--layers $LAYERS35} --state-dtype bfloat16 --batch 1 --output "$LOGS/profile35b-bf16state.json" ;;
     offline35b-compile) run offline35b-compile python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
                   --compile --batch ${BATCH:-1,4,16} --output-len 64 --max-num-seqs 16 --output "$LOGS/offline35b-compile.json" ;;
     offline9b-compile) run offline9b-compile python3 -m deltaserve.cli bench offline --preset qwen3.5-9b --compile \

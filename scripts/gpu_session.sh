@@ -97,7 +97,8 @@ for stage in "$@"; do
                     --output "$LOGS/cold-profile.json" ;;
     gdn-vs-fla) run gdn-vs-fla python3 scripts/bench_gdn_decode.py --output "$LOGS/gdn-vs-fla.json" ;;
     moe) run moe python3 scripts/bench_moe.py ${MOE_SWEEP:+--sweep} ;;
-    gemv) run gemv python3 scripts/bench_gemv.py --output "$LOGS/gemv.json" ;;
+    gemv) run gemv python3 scripts/bench_gemv.py --norm --output "$LOGS/gemv.json" ;;
+    skinny) run skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;
     layer35) run layer35 python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$LOGS/layer35.json" ;;

@@ -56,6 +56,47 @@ def test_norm_in_the_prologue_matches_norm_then_linear_fp32(kernel_device, M, N,
         assert h is x
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 256), (5, 37, 300), (17, 130, 512)])
+def test_split_k_matches_linear_and_leaves_counters_zero(kernel_device, split_k, M, N, K):
+    from deltaserve.ops import skinny_gemm
+
+    x = _rand(M, K, dtype=torch.float32, device=kernel_device)
+    w = _rand(N, K, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=16, block_k=64, split_k=split_k)
+    first = skinny_linear(x, w, cfg)
+    torch.testing.assert_close(first, skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+    assert int(skinny_gemm._COUNTERS[torch.device(kernel_device)].abs().sum()) == 0  # reset by each tile's last program
+    torch.testing.assert_close(skinny_linear(x, w, cfg), first, rtol=0, atol=0)  # partials summed in split order
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("res_in_loop", [False, True])
+@pytest.mark.parametrize("unit_weight", [False, True])
+def test_norm_variants_match_the_reference(kernel_device, split_k, res_in_loop, unit_weight):
+    """Split-K with the norm (partial sums of squares per split), the residual stored in the loop or in its
+    own pass, and the unit-weight norm (``1 + g`` folded into w) all give norm-then-GEMM."""
+    M, N, K = 3, 40, 320
+    x = _rand(M, K, dtype=torch.float32, device=kernel_device)
+    r = _rand(M, K, dtype=torch.float32, device=kernel_device, seed=2)
+    g = None if unit_weight else _rand(K, dtype=torch.float32, device=kernel_device, seed=3) * 0.1
+    w = _rand(N, K, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=16, block_k=64, split_k=split_k)
+    y, h = skinny_norm_linear(x, r, g, 1e-6, w, cfg, res_in_loop=res_in_loop)
+    y_ref, h_ref = skinny_norm_linear_ref(x, r, g, 1e-6, w)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+
+
+def test_folding_the_norm_weight_into_w_is_the_same_function(kernel_device):
+    x = _rand(4, 128, dtype=torch.float32, device=kernel_device)
+    g = _rand(128, dtype=torch.float32, device=kernel_device, seed=3) * 0.1
+    w = _rand(24, 128, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=16, block_k=64)
+    y_folded, _ = skinny_norm_linear(x, None, None, 1e-6, w * (1 + g)[None, :], cfg)
+    torch.testing.assert_close(y_folded, skinny_norm_linear_ref(x, None, g, 1e-6, w)[0], rtol=1e-5, atol=1e-4)
+
+
 def test_norm_in_the_prologue_half_precision(kernel_device):
     dtype = torch.float16 if kernel_device == "cpu" else torch.bfloat16
     x, r = _rand(3, 192, dtype=dtype, device=kernel_device), _rand(3, 192, dtype=dtype, device=kernel_device, seed=2)
@@ -167,3 +208,51 @@ def test_fused_gemv_inproj_equals_fused():
         for got, want in zip(project(x, w, 12288, FUSED_GEMV, None), project(x, w, 12288, "fused", None)):
             assert got.shape == want.shape
             assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 64])
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+@pytest.mark.parametrize("N,K", [(2048, 4096), (4096, 4096), (12352, 2048)])
+def test_split_k_real_shapes_bf16_on_gpu(M, split_k, N, K):
+    x = _rand(M, K, dtype=torch.bfloat16, device="cuda")
+    w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=1) * 0.02
+    cfg = GemvConfig(block_n=32, block_k=128, split_k=split_k)
+    got, want = skinny_linear(x, w, cfg).float(), skinny_linear_ref(x.float(), w.float())
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    torch.testing.assert_close(skinny_linear(x, w, cfg).float(), got, rtol=0, atol=0)  # deterministic
+
+
+@pytest.mark.gpu
+def test_split_k_replays_in_a_cuda_graph():
+    """Graph replays reuse the tile counters: each replay must see them back at zero (reset by the last
+    program of each tile) and give the same y, for several split-K GEMMs in one graph."""
+    ws = [_rand(2048, 4096, dtype=torch.bfloat16, device="cuda", seed=s) * 0.02 for s in range(3)]
+    x = _rand(4, 4096, dtype=torch.bfloat16, device="cuda")
+    cfg = GemvConfig(block_n=32, block_k=128, split_k=4)
+    want = [skinny_linear(x, w, cfg) for w in ws]  # eager first: makes the counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [skinny_linear(x, w, cfg) for w in ws]
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, ref in zip(outs, want):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["in_loop", "own_pass", "folded", "split2"])
+def test_norm_variants_real_shape_bf16_on_gpu(variant):
+    M, N, K = 5, 12352, 2048
+    x, r = _rand(M, K, dtype=torch.bfloat16, device="cuda"), _rand(M, K, dtype=torch.bfloat16, device="cuda", seed=2)
+    g = _rand(K, dtype=torch.bfloat16, device="cuda", seed=3) * 0.1
+    w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=1) * 0.02
+    y_ref, h_ref = skinny_norm_linear_ref(x.float(), r.float(), g.float(), 1e-6, w.float())
+    if variant == "folded":
+        y, h = skinny_norm_linear(x, r, None, 1e-6, (w.float() * (1 + g.float())).to(w.dtype))
+    else:
+        cfg = GemvConfig(split_k=2) if variant == "split2" else None
+        y, h = skinny_norm_linear(x, r, g, 1e-6, w, cfg, res_in_loop=variant == "in_loop")
+    torch.testing.assert_close(h, (x.float() + r.float()).to(x.dtype), rtol=0, atol=0)
+    assert ((y.float() - y_ref).norm() / y_ref.norm()).item() < 1e-2

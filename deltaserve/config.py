@@ -49,6 +49,8 @@ class EngineConfig:
     inproj: str = _f("auto", "GDN input projection: serial (two GEMMs), dual (ba GEMM on a second CUDA stream), "
                              "fused (one GEMM), auto (measured per token count at start-up; fused on CPU).",
                      choices=list(STRATEGIES))
+    skinny_out_proj: bool = _f(True, "The GDN out_proj and attention o_proj at <= 16 tokens on CUDA by our split-K "
+                                     "skinny GEMM instead of cuBLAS.")
     moe_router: str = _f("gemm", "MoE router on the GPU: gemm (a cuBLAS GEMM for the logits, then a top-k "
                                  "launch; logits rounded to the model dtype as in transformers; the faster one "
                                  "measured) or kernel (one fused launch: gate GEMV, softmax, top-k, shared-expert "

@@ -42,10 +42,13 @@ for stage in "$@"; do
     engine-hf) run engine-hf python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                  -k transformers ;;
     gpu-next) # the GPU tests of what changed since the last device session
-      run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
-        tests/test_skinny_gemm.py tests/test_paged_attention_gpu.py tests/test_gdn_prefill_recurrent.py \
-        tests/test_gdn_kernels_gpu.py::test_conv_prefill_real_shapes tests/test_engine_gpu.py::test_prefill_graphs_equal_eager_prefill \
-        tests/test_engine_gpu.py::test_bf16_gpu_matches_fp32_cpu_reference tests/test_fused_moe_gpu.py -k "not bench" ;;
+      run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
+        tests/test_engine_gpu.py::test_prefill_graphs_equal_eager_prefill tests/test_engine_gpu.py::test_bf16_gpu_matches_fp32_cpu_reference ;;
+    offline35b-cublas-out) run offline35b-cublas-out python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b \
+                  ${LAYERS35:+--layers $LAYERS35} --no-skinny-out-proj --batch 1,16 --output-len 128 --max-num-seqs 16 \
+                  --output "$LOGS/offline35b-cublas-out.json" ;;
+    offline9b-cublas-out) run offline9b-cublas-out python3 -m deltaserve.cli bench offline --preset qwen3.5-9b \
+                  --no-skinny-out-proj --batch 1,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/offline9b-cublas-out.json" ;;
     kernels-spec) run kernels-spec python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
                     tests/test_paged_attention_gpu.py tests/test_gdn_kernels_gpu.py::test_conv_prefill_real_shapes \
                     tests/test_fused_moe_gpu.py -k "not bench and not router and not matches_reference" ;;
@@ -97,7 +100,7 @@ for stage in "$@"; do
                     --output "$LOGS/cold-profile.json" ;;
     gdn-vs-fla) run gdn-vs-fla python3 scripts/bench_gdn_decode.py --output "$LOGS/gdn-vs-fla.json" ;;
     moe) run moe python3 scripts/bench_moe.py ${MOE_SWEEP:+--sweep} ;;
-    gemv) run gemv python3 scripts/bench_gemv.py --norm --output "$LOGS/gemv.json" ;;
+    gemv) run gemv python3 scripts/bench_gemv.py --output "$LOGS/gemv.json" ;;
     skinny) run skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;

@@ -63,6 +63,11 @@ class ModelRunner:
         with layer_arg_mode(cfg.layer_arg):
             self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
         self.model.set_moe_router(cfg.moe_router)
+        self.model.set_skinny_out_proj(cfg.skinny_out_proj)
+        if on_gpu:  # the split-K GEMM's tile counters, made before any CUDA-graph capture
+            from deltaserve.ops.skinny_gemm import prepare
+
+            prepare(self.device)
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

@@ -33,7 +33,8 @@ class GatedAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(H, cfg.num_attention_heads, cfg.num_key_value_heads, D)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
         self.head_dim, self.scale = D, D**-0.5
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * D, H, what="num_attention_heads * head_dim")
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * D, H, what="num_attention_heads * head_dim",
+                                        skinny=True)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)

@@ -12,7 +12,7 @@ from torch import nn
 
 from deltaserve.distributed import divide, tp_rank, tp_size
 from deltaserve.forward_context import get_batch
-from deltaserve.layers.inproj import InProjPlan, norm_project, project
+from deltaserve.layers.inproj import InProjPlan, project
 from deltaserve.layers.layer_ref import LayerRef, define_layer_op, layer_arg, layer_op
 from deltaserve.layers.linear import (
     MergedColumnParallelLinear,
@@ -59,7 +59,7 @@ class GatedDeltaNet(nn.Module):
         for p in (self.dt_bias, self.A_log):
             p.weight_loader = _head_loader(hv)
         self.norm = RMSNormGated(self.head_v_dim, cfg.rms_norm_eps)
-        self.out_proj = RowParallelLinear(cfg.value_dim, H, what="GDN value_dim")
+        self.out_proj = RowParallelLinear(cfg.value_dim, H, what="GDN value_dim", skinny=True)
         sizes = {"qkvz": self.qkvz_size, "ba": 2 * self.num_v_heads, "v_heads": self.num_v_heads,
                  "v_dim": self.head_v_dim}
         self.layer = layer_arg(self, prefix, sizes)
@@ -71,14 +71,6 @@ class GatedDeltaNet(nn.Module):
         """``x [T, H]``, already normalised -> ``[T, H]``."""
         T = x.shape[0]
         return self._mix(*project(x, self.in_proj.weight, self.qkvz_size, self.plan.choose(T), self.layer))
-
-    def forward_from_residual(self, x: torch.Tensor, residual: torch.Tensor | None,
-                              norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder layer's ``norm`` (of ``x + residual``) and this mixer: ``(out [T, H], residual)``.
-        At decode sizes the norm can run inside the in_proj GEMM (:func:`norm_project`)."""
-        (qkvz, ba), residual = norm_project(x, residual, norm, self.in_proj.weight, self.qkvz_size,
-                                            self.plan.choose(x.shape[0]), self.layer)
-        return self._mix(qkvz, ba), residual
 
     def _mix(self, qkvz: torch.Tensor, ba: torch.Tensor) -> torch.Tensor:
         T = qkvz.shape[0]

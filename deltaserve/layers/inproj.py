@@ -21,51 +21,12 @@ import bisect
 import torch
 import torch.nn.functional as F
 
-from deltaserve.layers.layer_ref import CompileOp, LayerRef, define_layer_op, layer_op
+from deltaserve.layers.layer_ref import LayerRef, define_layer_op, layer_op
+from deltaserve.layers.linear import skinny_fits, skinny_linear_op
 
 STRATEGIES = ("serial", "dual", "fused", "auto")  # what a user may ask for
 FUSED_GEMV = "fused_gemv"  # fused, by the skinny-GEMM kernel: only ``auto`` picks it, for few tokens
 GEMV_MAX_TOKENS = 64  # the skinny-GEMM kernel's limit (ops.skinny_gemm.MAX_M; a test keeps them equal)
-
-
-@CompileOp.define("deltaserve::skinny_linear")
-def skinny_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    from deltaserve.ops.skinny_gemm import skinny_linear
-
-    return skinny_linear(x, weight)
-
-
-@skinny_linear_op.register_fake
-def _(x, weight):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@CompileOp.define("deltaserve::skinny_norm_linear")
-def skinny_norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                          weight: torch.Tensor) -> torch.Tensor:
-    from deltaserve.ops.skinny_gemm import skinny_norm_linear
-
-    return skinny_norm_linear(x, None, norm_weight, eps, weight)[0]
-
-
-@skinny_norm_linear_op.register_fake
-def _(x, norm_weight, eps, weight):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@CompileOp.define("deltaserve::skinny_add_norm_linear")
-def skinny_add_norm_linear_op(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from deltaserve.ops.skinny_gemm import skinny_norm_linear
-
-    return skinny_norm_linear(x, residual, norm_weight, eps, weight)
-
-
-@skinny_add_norm_linear_op.register_fake
-def _(x, residual, norm_weight, eps, weight):
-    return x.new_empty(x.shape[0], weight.shape[0]), torch.empty_like(x)
-
-_aux_stream: torch.cuda.Stream | None = None
 
 
 def aux_stream() -> torch.cuda.Stream:
@@ -126,22 +87,7 @@ class InProjPlan:
 
 def skinny_serves(strategy: str, x: torch.Tensor) -> bool:
     """Whether our skinny GEMM computes this projection: ``fused_gemv`` chosen, few rows, on CUDA."""
-    return strategy == FUSED_GEMV and x.is_cuda and x.shape[0] <= GEMV_MAX_TOKENS
-
-
-def norm_project(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module, weight: torch.Tensor,
-                 qkvz_size: int, strategy: str, arg) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The decoder layer's input norm (``norm``, a zero-centred :class:`RMSNorm`), then :func:`project`:
-    ``((qkvz, ba), the next residual)``. Where the skinny GEMM serves (``fused_gemv``, few tokens, CUDA)
-    the norm runs in its prologue: one launch instead of two."""
-    if skinny_serves(strategy, x):
-        if residual is None:
-            y, residual = skinny_norm_linear_op(x, norm.weight, norm.eps, weight), x
-        else:
-            y, residual = skinny_add_norm_linear_op(x, residual, norm.weight, norm.eps, weight)
-        return (y[:, :qkvz_size], y[:, qkvz_size:]), residual
-    h, residual = norm.with_residual(x, residual)
-    return project(h, weight, qkvz_size, strategy, arg), residual
+    return strategy == FUSED_GEMV and skinny_fits(x, GEMV_MAX_TOKENS)
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, qkvz_size: int, strategy: str, arg) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,10 +4,9 @@ Each measurement runs the in_proj of *every* GDN layer once, inside one CUDA gra
 weights per layer, as in a real step, so no layer's weight is still in L2 when its turn comes --
 and reports the median replay time divided by the number of layers.
 
-``inproj=auto`` times each strategy together with the decoder layer's input norm (``with_norm``), as a
-step runs them: ``fused_gemv`` runs the norm inside its GEMM (``norm_project``), the others launch it
-first, so the comparison credits the fused path with the launch it saves. ``bench layer`` times the
-projection alone (the seed thread's question).
+``inproj=auto`` and ``bench layer`` time the projection alone (the seed thread's question). Running
+the decoder layer's input norm inside the skinny GEMM's prologue was tried and measured 2.5-5x slower
+than the norm kernel then the GEMM (docs/perf/2026-11-28d.md), so the norm stays its own launch.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import logging
 
 import torch
 
-from deltaserve.layers.inproj import FUSED_GEMV, GEMV_MAX_TOKENS, InProjPlan, norm_project, project
+from deltaserve.layers.inproj import FUSED_GEMV, GEMV_MAX_TOKENS, InProjPlan, project
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +50,14 @@ def time_graph(run, per: int = 1, replays: int = 20) -> float:
 
 
 @torch.inference_mode()
-def time_inproj(layers: list, m: int, strategy: str, replays: int = 20, with_norm: bool = False) -> float:
-    """Median microseconds per layer for ``m`` tokens through every layer's in_proj (``with_norm``: the
-    decoder layer's input norm and residual add, then the in_proj)."""
-    from deltaserve.layers.norm import RMSNorm
-
+def time_inproj(layers: list, m: int, strategy: str, replays: int = 20) -> float:
+    """Median microseconds per layer for ``m`` tokens through every layer's in_proj."""
     w = layers[0].in_proj.weight
     x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
-    if with_norm:
-        residual, norm = torch.randn_like(x), RMSNorm(w.shape[1], 1e-6).to(w.device)
 
     def run() -> None:
         for layer in layers:
-            if with_norm:
-                norm_project(x, residual, norm, layer.in_proj.weight, layer.qkvz_size, strategy, layer.layer)
-            else:
-                project(x, layer.in_proj.weight, layer.qkvz_size, strategy, layer.layer)
+            project(x, layer.in_proj.weight, layer.qkvz_size, strategy, layer.layer)
 
     return time_graph(run, len(layers), replays)
 
@@ -85,7 +76,7 @@ def tune_inproj(model, plan: InProjPlan, max_tokens: int) -> dict[int, dict[str,
             if s == FUSED_GEMV and m > GEMV_MAX_TOKENS:
                 continue
             try:
-                results[m][s] = time_inproj(layers, m, s, with_norm=True)
+                results[m][s] = time_inproj(layers, m, s)
             except OutOfResources as e:  # the skinny GEMM's tiles may not fit a small-shared-memory card
                 if s != FUSED_GEMV:
                     raise
@@ -93,7 +84,7 @@ def tune_inproj(model, plan: InProjPlan, max_tokens: int) -> dict[int, dict[str,
     plan.set_table({m: min(t, key=t.get) for m, t in results.items()})
     lines = [f"{m:>6} " + " ".join(f"{t[s]:8.2f}" if s in t else "       -" for s in CONCRETE)
              + f"  -> {min(t, key=t.get)}" for m, t in results.items()]
-    logger.info("inproj=auto (us per layer: input norm + in_proj, CUDA graphs)\n"
+    logger.info("inproj=auto (us per layer, CUDA graphs)\n"
                 " tokens   serial     dual    fused  fused_gemv\n%s",
                 "\n".join(lines))
     return results

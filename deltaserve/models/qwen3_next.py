@@ -40,11 +40,8 @@ class DecoderLayer(nn.Module):
 
         The residual adds are fused into the next norm: ``x + residual`` is formed by the norm kernel.
         """
-        if self.is_gdn:  # the norm may run inside the GDN in_proj's GEMM (decode sizes, see norm_project)
-            h, residual = self.linear_attn.forward_from_residual(x, residual, self.input_layernorm)
-        else:
-            h, residual = self.input_layernorm.with_residual(x, residual)
-            h = self.self_attn(h, positions)
+        h, residual = self.input_layernorm.with_residual(x, residual)
+        h = self.linear_attn(h) if self.is_gdn else self.self_attn(h, positions)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -130,6 +127,15 @@ class Qwen3NextForCausalLM(nn.Module):
         for layer in self.model.layers:
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.set_router(impl)
+
+    def set_skinny_out_proj(self, on: bool) -> None:
+        """The GDN out_proj and attention o_proj at <= SKINNY_MAX_TOKENS tokens: our split-K skinny GEMM
+        (on) or cuBLAS (off)."""
+        from deltaserve.layers.linear import SKINNY_MAX_TOKENS
+
+        for layer in self.model.layers:
+            proj = layer.linear_attn.out_proj if layer.is_gdn else layer.self_attn.o_proj
+            proj.skinny_max_tokens = SKINNY_MAX_TOKENS if on else 0
 
     def gdn_layers(self) -> list[GatedDeltaNet]:
         return [layer.linear_attn for layer in self.model.layers if layer.is_gdn]

@@ -29,6 +29,9 @@ FUSED_GEMV = "fused_gemv"  # fused, by the skinny-GEMM kernel: only ``auto`` pic
 GEMV_MAX_TOKENS = 64  # the skinny-GEMM kernel's limit (ops.skinny_gemm.MAX_M; a test keeps them equal)
 
 
+_aux_stream: torch.cuda.Stream | None = None
+
+
 def aux_stream() -> torch.cuda.Stream:
     """The one auxiliary stream every layer's ``ba`` GEMM runs on (created on first use)."""
     global _aux_stream

@@ -131,6 +131,22 @@ def test_inproj_strategies_agree(tmp_path, kind):
     assert rel(outs["dual"], outs["fused"]) <= 1e-6
 
 
+def test_dual_aux_stream_is_made_once(monkeypatch):
+    """The dual path's CUDA-only helper, reached on the CPU with a stand-in stream class (without CUDA
+    ``dual`` computes serially and never calls it): one process-wide stream, made on first use."""
+    import deltaserve.layers.inproj as inproj
+
+    made = []
+
+    class FakeStream:
+        def __init__(self):
+            made.append(self)
+
+    monkeypatch.setattr(inproj, "_aux_stream", None)  # raises if the module lost its global
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    assert inproj.aux_stream() is inproj.aux_stream() is made[0] and len(made) == 1
+
+
 def test_stacked_experts_load_like_per_expert(checkpoints, tmp_path):
     """Rewrite the MoE checkpoint in the released Qwen3.5-MoE layout (3-D gate_up_proj / down_proj)."""
     import json

@@ -41,9 +41,17 @@ for stage in "$@"; do
                    tests/test_skinny_gemm.py ;;
     engine-hf) run engine-hf python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                  -k transformers ;;
-    gpu-next) # the GPU tests of what changed since the last device session
+    gpu-next) # the GPU tests of what changed since the last device session (the split-K out_proj inside the
+              # engine's CUDA graphs: the whole engine file)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
-        tests/test_engine_gpu.py::test_prefill_graphs_equal_eager_prefill tests/test_engine_gpu.py::test_bf16_gpu_matches_fp32_cpu_reference ;;
+        tests/test_engine_gpu.py ;;
+    out-ab) # the skinny out_proj on and off, interleaved twice (35B-A3B, N=1 and 16)
+      for rep in 1 2; do
+        for flag in --no-skinny-out-proj --skinny-out-proj; do
+          run "out-ab-$rep$flag" python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b ${LAYERS35:+--layers $LAYERS35} \
+            "$flag" --batch 1,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/out-ab-$rep$flag.json"
+        done
+      done ;;
     offline35b-cublas-out) run offline35b-cublas-out python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b \
                   ${LAYERS35:+--layers $LAYERS35} --no-skinny-out-proj --batch 1,16 --output-len 128 --max-num-seqs 16 \
                   --output "$LOGS/offline35b-cublas-out.json" ;;

@@ -190,7 +190,7 @@ def test_folded_shared_expert_matches_separate_shared_swiglu(T):
 @pytest.mark.parametrize("T", [1, 8, 64])
 def test_router_and_folded_moe_replay_in_a_cuda_graph(T):
     """The router's counters reset themselves: replays with new inputs keep matching the references."""
-    from deltaserve.ops import moe_router as mr
+    from deltaserve.ops.arrival import counters
 
     name = "qwen3.5-35b-a3b"
     _, _, k, _ = SHAPES[name]
@@ -211,7 +211,7 @@ def test_router_and_folded_moe_replay_in_a_cuda_graph(T):
         assert_same_routing((tw, ti), ref, x, w_gate, k)
         assert rel_err(out, fused_moe_ref(x, w13f, w2f, tw, ti)) < 1e-2
     torch.cuda.synchronize()
-    assert not mr._counter_buffer(x.device).any()
+    assert not counters(x.device, 1).any()
 
 
 def copy_bandwidth_gbs() -> float:

@@ -36,14 +36,14 @@ def test_half_precision_and_row_strided_input(kernel_device):
 @pytest.mark.parametrize("split_k", [2, 3, 8])
 @pytest.mark.parametrize("M,N,K", [(1, 40, 256), (5, 37, 300), (17, 130, 512)])
 def test_split_k_matches_linear_and_leaves_counters_zero(kernel_device, split_k, M, N, K):
-    from deltaserve.ops import skinny_gemm
+    from deltaserve.ops.arrival import counters
 
     x = _rand(M, K, dtype=torch.float32, device=kernel_device)
     w = _rand(N, K, dtype=torch.float32, device=kernel_device, seed=1)
     cfg = GemvConfig(block_n=16, block_k=64, split_k=split_k)
     first = skinny_linear(x, w, cfg)
     torch.testing.assert_close(first, skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
-    assert int(skinny_gemm._COUNTERS[torch.device(kernel_device)].abs().sum()) == 0  # reset by each tile's last program
+    assert not counters(kernel_device, 1).any()  # reset by each tile's last program
     torch.testing.assert_close(skinny_linear(x, w, cfg), first, rtol=0, atol=0)  # partials summed in split order
 
 
@@ -97,6 +97,15 @@ def test_pick_config_covers_the_shapes_it_was_measured_on():
             cfg = pick_config(M, N, K)
             assert cfg.block_k <= K and K % cfg.block_k == 0
             assert (cfg.split_k == 1) == (N >= 8192)
+
+
+def test_arrival_counters_are_one_zeroed_buffer_with_a_named_limit(kernel_device):
+    from deltaserve.ops.arrival import NUM_COUNTERS, counters, prepare
+
+    buf = prepare(kernel_device)
+    assert buf is counters(kernel_device, NUM_COUNTERS) and buf.dtype == torch.int32 and not buf.any()
+    with pytest.raises(ValueError, match=f"{NUM_COUNTERS + 1} tiles exceed the {NUM_COUNTERS} arrival counters"):
+        counters(kernel_device, NUM_COUNTERS + 1)
 
 
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():

@@ -64,8 +64,8 @@ class ModelRunner:
             self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
         self.model.set_moe_router(cfg.moe_router)
         self.model.set_skinny_out_proj(cfg.skinny_out_proj)
-        if on_gpu:  # the split-K GEMM's tile counters, made before any CUDA-graph capture
-            from deltaserve.ops.skinny_gemm import prepare
+        if on_gpu:  # the split kernels' arrival counters, made before any CUDA-graph capture
+            from deltaserve.ops.arrival import prepare
 
             prepare(self.device)
         self.model_config = self.model.config

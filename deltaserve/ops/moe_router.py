@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deltaserve.ops.arrival import NUM_COUNTERS, counters
+
 try:
     import triton
     import triton.language as tl
@@ -37,11 +39,6 @@ except ImportError:  # pragma: no cover - CPU installs without triton use the re
 # Workspaces go through this hook so that tests can hand out poisoned buffers.
 _empty = torch.empty
 
-# Per-device counters of the split path, allocated (zeroed) on first use and kept at zero by the
-# kernel itself. One entry per token block of a launch; two launches must not run concurrently on one
-# device (deltaserve runs one stream per device).
-NUM_COUNTERS = 1024
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 # -- reference (the CPU path, and what the kernel is tested against) -----------------------------------
@@ -234,12 +231,6 @@ if triton is not None:
         tl.store(ids_ptr + out, id_out, mask=ok)
 
 
-def _counter_buffer(device: torch.device) -> torch.Tensor:
-    if device not in _counters:
-        _counters[device] = torch.zeros(NUM_COUNTERS, dtype=torch.int32, device=device)
-    return _counters[device]
-
-
 def moe_router(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -272,8 +263,8 @@ def moe_router(
     cfg = config or pick_router_config(T, E, H)
     token_blocks = triton.cdiv(T, cfg.block_t)
     if cfg.split and token_blocks > NUM_COUNTERS:
-        raise ValueError(f"{token_blocks} token blocks of {cfg.block_t} exceed the {NUM_COUNTERS} counters of the "
-                         f"split router; use a larger block_t or split=False for T={T}")
+        raise ValueError(f"{token_blocks} token blocks of {cfg.block_t} exceed the {NUM_COUNTERS} arrival counters "
+                         f"of the split router; use a larger block_t or split=False for T={T}")
     if not cfg.split and cfg.split_k != 1:
         raise ValueError(f"split=False needs split_k=1; got {cfg}")
     x, w_gate = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w_gate))
@@ -281,7 +272,7 @@ def moe_router(
     part = _empty(cfg.split_k, T, E + has_shared, dtype=torch.float32, device=x.device)
     parts = triton.cdiv(E, cfg.block_e) * cfg.split_k if cfg.split else 1
     _router_kernel[(token_blocks, parts)](
-        x, w_gate, w_sg, part, _counter_buffer(x.device), weights, ids,
+        x, w_gate, w_sg, part, counters(x.device, token_blocks) if cfg.split else part, weights, ids,
         T, x.stride(0), w_gate.stride(0), part.stride(0), part.stride(1),
         H=H, E=E, TOP_K=top_k, HAS_SHARED=has_shared, RENORM=renormalize, BLOCK_T=cfg.block_t,
         BLOCK_E=cfg.block_e, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, SPLIT=cfg.split,

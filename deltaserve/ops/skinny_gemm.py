@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from deltaserve.ops.arrival import counters
+
 MAX_M = 64
 
 
@@ -108,8 +110,8 @@ def _skinny_gemm_kernel(
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
     """``x [M, K]`` (M <= 64, unit stride along K), ``w [N, K]`` (row-major rows, unit stride along K)
-    -> ``y [M, N]`` in x's dtype. One launch, no host sync, CUDA-graph safe (split-K tiles: see
-    :func:`prepare`). ``config`` defaults to :func:`pick_config` for the shape."""
+    -> ``y [M, N]`` in x's dtype. One launch, no host sync, CUDA-graph safe (split-K: after
+    ``arrival.prepare``). ``config`` defaults to :func:`pick_config` for the shape."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"skinny_linear needs x [M, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
     (M, K), N = x.shape, w.shape[0]
@@ -128,7 +130,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     k_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton.cdiv(K, k_split)
     if split_k > 1:
-        ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), prepare(x.device, n_tiles)
+        ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), counters(x.device, n_tiles)
     else:
         ws = cnt = y  # unused
     _skinny_gemm_kernel[(n_tiles, split_k)](
@@ -138,30 +140,6 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MIN_COUNTERS = 4096  # row tiles: 4096 x 16 rows covers any out_proj
-
-
-def prepare(device: torch.device | str, n_tiles: int = _MIN_COUNTERS) -> torch.Tensor:
-    """The split-K arrival counters of ``device``, one per row tile, zero between launches (each tile's
-    last program resets its own). Made outside CUDA-graph capture only (a buffer made inside a capture
-    holds garbage until that graph first replays), so the engine calls this before it captures. Launches
-    on one stream share it safely; split-K launches must not run concurrently on two streams (ours run
-    on the compute stream only)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n_tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"skinny GEMM split-K needs {n_tiles} tile counters on {device}: call "
-                "deltaserve.ops.skinny_gemm.prepare(device) before CUDA-graph capture")
-        buf = torch.zeros(max(n_tiles, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
 
 
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -42,9 +42,9 @@ for stage in "$@"; do
     engine-hf) run engine-hf python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                  -k transformers ;;
     gpu-next) # the GPU tests of what changed since the last device session (the split-K out_proj inside the
-              # engine's CUDA graphs: the whole engine file)
+              # engine's CUDA graphs: the whole engine file; the shared arrival counters: the router's graph test)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
-        tests/test_engine_gpu.py ;;
+        tests/test_fused_moe_gpu.py::test_router_and_folded_moe_replay_in_a_cuda_graph tests/test_engine_gpu.py ;;
     out-ab) # the skinny out_proj on and off, interleaved twice (35B-A3B, N=1 and 16)
       for rep in 1 2; do
         for flag in --no-skinny-out-proj --skinny-out-proj; do

@@ -56,6 +56,9 @@ class EngineConfig:
                                  "measured) or kernel (one fused launch: gate GEMV, softmax, top-k, shared-expert "
                                  "gate).",
                          choices=["kernel", "gemm"])
+    pdl: bool = _f(False, "Programmatic dependent launch for deltaserve's Triton kernels (compute capability >= 9.0): "
+                          "each kernel's launch overlaps the previous kernel's execution. Not yet measured: off "
+                          "by default.")
     enforce_eager: bool = _f(False, "Never use CUDA graphs.")
     compile: bool = _f(False, "torch.compile each decoder layer (regional compilation).")
     layer_arg: str = _f("auto", "How custom ops name their layer: opaque (one compiled graph shared by all layers "
@@ -110,6 +113,12 @@ class EngineConfig:
                     "use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda"):
             self._check(torch.cuda.is_available(), "device", self.device, "no CUDA device is visible: use cpu")
+        if self.pdl:
+            self._check(self.device.startswith("cuda"), "pdl", self.pdl, "programmatic dependent launch needs a "
+                        "CUDA device: leave --pdl off on the CPU")
+            major, minor = torch.cuda.get_device_capability(self.device)
+            self._check(major >= 9, "pdl", self.pdl, f"this GPU is compute capability {major}.{minor}; programmatic "
+                        "dependent launch needs 9.0 (Hopper) or newer: leave --pdl off")
 
     @staticmethod
     def _check(ok: bool, name: str, value: Any, fix: str) -> None:

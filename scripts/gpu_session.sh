@@ -45,6 +45,22 @@ for stage in "$@"; do
               # engine's CUDA graphs: the whole engine file; the shared arrival counters: the router's graph test)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
         tests/test_fused_moe_gpu.py::test_router_and_folded_moe_replay_in_a_cuda_graph tests/test_engine_gpu.py ;;
+    pdl-ab) # programmatic dependent launch off and on, interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
+      for rep in 1 2; do
+        for flag in --no-pdl --pdl; do
+          run "pdl-ab-35b-$rep$flag" python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b \
+            ${LAYERS35:+--layers $LAYERS35} "$flag" --batch 1,4,16 --output-len 128 --max-num-seqs 16 \
+            --output "$LOGS/pdl-ab-35b-$rep$flag.json"
+        done
+      done
+      for rep in 1 2; do
+        for flag in --no-pdl --pdl; do
+          run "pdl-ab-9b-$rep$flag" python3 -m deltaserve.cli bench offline --preset qwen3.5-9b "$flag" --batch 1,4,16 \
+            --output-len 128 --max-num-seqs 16 --output "$LOGS/pdl-ab-9b-$rep$flag.json"
+        done
+      done ;;
+    profile35b-pdl) run profile35b-pdl python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b \
+                  ${LAYERS35:+--layers $LAYERS35} --pdl --batch 1 --output "$LOGS/profile35b-pdl.json" ;;
     out-ab) # the skinny out_proj on and off, interleaved twice (35B-A3B, N=1 and 16)
       for rep in 1 2; do
         for flag in --no-skinny-out-proj --skinny-out-proj; do

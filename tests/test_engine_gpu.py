@@ -161,3 +161,42 @@ def test_prefill_graphs_equal_eager_prefill(tmp_path, kind):
         assert g.token_ids == e.token_ids
         for a, b in zip(e.logprobs, g.logprobs):
             assert abs(a["logprob"] - b["logprob"]) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
+def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
+    """``--pdl`` changes when kernels launch, not what they compute: bf16, every kernel (MoE included),
+    prefill and decode graphs plus eager steps, the same tokens and logprobs as without it."""
+    from deltaserve.ops import pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    if kind == "tiny":
+        d = make_model("tiny", tmp_path, dtype="bfloat16", seed=7)
+    else:
+        from model_utils import add_demo_tokenizer, randomize_
+        from test_model_parity import build_hf
+
+        torch.manual_seed(0)
+        hf = build_hf(kind).eval()
+        randomize_(hf)
+        hf.save_pretrained(tmp_path)
+        add_demo_tokenizer(tmp_path)
+        d = tmp_path
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    outs = {}
+    try:
+        for on in (False, True):
+            llm = LLM(str(d), dtype="bfloat16", max_num_seqs=4, gpu_memory_utilization=0.3, pdl=on)
+            assert pdl.enabled() == on
+            outs[on] = llm.generate(prompts, params)  # 6 prompts over 4 slots: batched, graph and eager steps
+            llm.shutdown()
+            del llm
+            torch.cuda.empty_cache()
+    finally:
+        pdl.enable(False)
+    for a, b in zip(outs[False], outs[True]):
+        assert b.token_ids == a.token_ids
+        assert [x["logprob"] for x in b.logprobs] == [x["logprob"] for x in a.logprobs]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -106,6 +108,21 @@ def test_arrival_counters_are_one_zeroed_buffer_with_a_named_limit(kernel_device
     assert buf is counters(kernel_device, NUM_COUNTERS) and buf.dtype == torch.int32 and not buf.any()
     with pytest.raises(ValueError, match=f"{NUM_COUNTERS + 1} tiles exceed the {NUM_COUNTERS} arrival counters"):
         counters(kernel_device, NUM_COUNTERS + 1)
+
+
+def test_pdl_is_off_by_default_and_refused_where_it_cannot_run():
+    """Programmatic dependent launch: no launch attribute unless enabled; the interpreter (these CPU tests)
+    and a CPU engine config refuse it with the fix named."""
+    from deltaserve.config import ConfigError, EngineConfig
+    from deltaserve.ops import pdl
+
+    assert pdl.launch_args() == {"PDL": False} and not pdl.enabled()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            pdl.enable(True)
+        assert not pdl.enabled()
+    with pytest.raises(ConfigError, match="pdl=True is invalid: .*leave --pdl off"):
+        EngineConfig(device="cpu", pdl=True)
 
 
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():

@@ -68,6 +68,9 @@ class ModelRunner:
             from deltaserve.ops.arrival import prepare
 
             prepare(self.device)
+        from deltaserve.ops import pdl
+
+        pdl.enable(cfg.pdl, self.device if on_gpu else None)  # process-wide, for every launch from here on
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

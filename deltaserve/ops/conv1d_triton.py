@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.ops.pdl import launch_args, pdl_gate
+
 # Prefill tile: BT tokens x BD channels. BT must be >= 2W - 2 (see the module invariant).
 _PREFILL_BT = 32
 _PREFILL_BD = 128
@@ -48,8 +50,9 @@ def conv_decode_channels(x_row, w_ptr, ring, ch, mask, t, D: tl.constexpr, W: tl
 def _conv1d_update_kernel(
     x_ptr, w_ptr, out_ptr, states_ptr, idx_ptr, pos_ptr,
     stride_x, stride_o,
-    D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, ACTIVATION: tl.constexpr,
+    D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_gate(PDL)
     i_b = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = ch < D
@@ -72,8 +75,9 @@ def _conv1d_prefill_kernel(
     x_ptr, w_ptr, out_ptr, cu_ptr, ctx_ptr, states_ptr, idx_ptr,
     N, stride_x, stride_o,
     D: tl.constexpr, W: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    WP: tl.constexpr, HAS_STATE: tl.constexpr, ACTIVATION: tl.constexpr,
+    WP: tl.constexpr, HAS_STATE: tl.constexpr, ACTIVATION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_gate(PDL)
     pid = tl.program_id(0)
     # Map this program to (sequence, tile) on the device: every sequence has max(ceil(L/BT), 1)
     # tiles (an empty one still writes its ring), tiles are numbered sequence after sequence.
@@ -189,7 +193,7 @@ def causal_conv1d_prefill(
         conv_states if has_state else x, state_indices if has_state else cu_seqlens,
         n, x.stride(0), out.stride(0),
         D=D, W=W, NP=max(16, triton.next_power_of_2(n)), BT=_PREFILL_BT, BD=_PREFILL_BD,  # NP: few variants
-        WP=triton.next_power_of_2(W - 1), HAS_STATE=has_state, ACTIVATION=activation,
+        WP=triton.next_power_of_2(W - 1), HAS_STATE=has_state, ACTIVATION=activation, **launch_args(),
     )
     return out
 
@@ -218,6 +222,6 @@ def causal_conv1d_update(
     _conv1d_update_kernel[(B, triton.cdiv(D, _UPDATE_BD))](
         x, weight, out, conv_states, state_indices, positions,
         x.stride(0), out.stride(0),
-        D=D, W=W, BD=_UPDATE_BD, ACTIVATION=activation,
+        D=D, W=W, BD=_UPDATE_BD, ACTIVATION=activation, **launch_args(),
     )
     return out

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.ops.pdl import launch_args, pdl_gate
+
 # Workspaces go through this hook so that tests can hand out poisoned (NaN / garbage) buffers and
 # prove that nothing is read before it is written.
 _empty = torch.empty
@@ -121,8 +123,9 @@ def padded_sizes(num_pairs: int, num_experts: int, block_m: int) -> tuple[int, i
 def _moe_align_kernel(
     ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr, cursor_ptr,
     num_pairs, max_padded, max_blocks,
-    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_gate(PDL)
     # One program. Invariant: expert e owns [starts[e], starts[e] + padded[e]); each of its pairs
     # takes one slot at the front through an atomic cursor, everything else is the sentinel M.
     # The order of pairs inside a segment is thus arbitrary; results are not (every row of a tile is
@@ -178,7 +181,7 @@ def moe_align_triton(
     _moe_align_kernel[(1,)](
         topk_ids.reshape(-1), sorted_ids, expert_ids, num_post, cursor, M, max_padded, max_blocks,
         BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=align_chunk(M),
-        FILL=1024, num_warps=4,
+        FILL=1024, num_warps=4, **launch_args(),
     )  # fmt: skip
     return sorted_ids, expert_ids, num_post
 
@@ -210,9 +213,10 @@ def _w13_silu_kernel(
     num_pairs,
     stride_xt, stride_we, stride_wn, stride_it,
     H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """inter[pair, n] = silu(x[token] · w13[e, n]) · (x[token] · w13[e, I + n]) for the block's pairs."""
+    pdl_gate(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
@@ -256,9 +260,10 @@ def _w2_kernel(
     num_pairs,
     stride_it, stride_we, stride_wn, stride_ot,
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out_k[pair, n] = w[pair] · (inter[pair] · w2[e, n]) for the block's pairs."""
+    pdl_gate(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
@@ -295,9 +300,10 @@ def _gemv_w13_silu_kernel(
     x_ptr, w13_ptr, inter_ptr, ids_ptr,
     stride_xt, stride_we, stride_wn, stride_it,
     H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (T·k, I / BLOCK_N): inter[pair, n] = silu(w13[e, n] · x[t]) · (w13[e, I + n] · x[t])."""
+    pdl_gate(PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = (pair // TOP_K).to(tl.int64)
@@ -335,13 +341,14 @@ def _gemv_w2_kernel(
     inter_ptr, w2_ptr, out_ptr, weights_ptr, ids_ptr,
     stride_it, stride_we, stride_wn, stride_ot,
     H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (T, H / BLOCK_N): out[t, n] = sum_j w[t, j] · (w2[e_j, n] · inter[t·k + j]), in one program.
 
     The k experts' tiles are one ``[K_PAD, BLOCK_N, BLOCK_K]`` load, so all their reads are in flight
     at once (a loop over the experts would wait for each in turn); slots past k are masked off.
     """
+    pdl_gate(PDL)
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_j = tl.arange(0, K_PAD)
@@ -380,12 +387,12 @@ def _fused_moe_gemv(x, w13, w2, topk_weights, topk_ids, cfg: MoeConfig) -> torch
     _gemv_w13_silu_kernel[(T * k, triton.cdiv(I, cfg.block_n1))](
         x, w13, inter, topk_ids, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         H=H, I=I, TOP_K=k, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
-        EVEN=H % cfg.block_k1 == 0 and I % cfg.block_n1 == 0, num_warps=cfg.num_warps,
+        EVEN=H % cfg.block_k1 == 0 and I % cfg.block_n1 == 0, num_warps=cfg.num_warps, **launch_args(),
     )  # fmt: skip
     _gemv_w2_kernel[(T, triton.cdiv(H, cfg.block_n2))](
         inter, w2, out, topk_weights, topk_ids, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         H=H, I=I, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        EVEN=I % cfg.block_k2 == 0 and H % cfg.block_n2 == 0, num_warps=cfg.num_warps,
+        EVEN=I % cfg.block_k2 == 0 and H % cfg.block_n2 == 0, num_warps=cfg.num_warps, **launch_args(),
     )  # fmt: skip
     return out
 
@@ -421,13 +428,13 @@ def fused_moe_triton(
         x, w13, inter, sorted_ids, expert_ids, num_post, M,
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         H=H, I=I, TOP_K=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
-        EVEN_K=H % cfg.block_k1 == 0, EVEN_N=I % cfg.block_n1 == 0, **launch,
+        EVEN_K=H % cfg.block_k1 == 0, EVEN_N=I % cfg.block_n1 == 0, **launch, **launch_args(),
     )  # fmt: skip
     _w2_kernel[(max_blocks, triton.cdiv(H, cfg.block_n2))](
         inter, w2, out_k, topk_weights.reshape(-1), sorted_ids, expert_ids, num_post, M,
         inter.stride(0), w2.stride(0), w2.stride(1), out_k.stride(0),
         H=H, I=I, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        EVEN_K=I % cfg.block_k2 == 0, EVEN_N=H % cfg.block_n2 == 0, **launch,
+        EVEN_K=I % cfg.block_k2 == 0, EVEN_N=H % cfg.block_n2 == 0, **launch, **launch_args(),
     )  # fmt: skip
     if k == 1:
         return out_k

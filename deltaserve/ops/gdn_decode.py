@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.ops.conv1d_triton import _check_index, conv_decode_channels
+from deltaserve.ops.pdl import launch_args, pdl_gate
 
 # (BV, num_warps) picked by tune_gdn_decode_fused, keyed by (B, Hv, Dk, Dv, state dtype): the state
 # tile traffic, which is what the choice trades off, is the same for the plain and the fused kernel.
@@ -71,8 +72,9 @@ def _gdn_decode_kernel(
     q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, o_ptr,
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sa_b, sb_b, scale,
     HV: tl.constexpr, R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_gate(PDL)
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_hk = i_h // R  # GVA: value head h reads key head h // R
@@ -110,8 +112,9 @@ def _gdn_decode_fused_kernel(
     x_ptr, a_ptr, b_ptr, w_ptr, conv_ptr, ssm_ptr, idx_ptr, pos_ptr, A_log_ptr, dt_bias_ptr, o_ptr,
     sx_b, sa_b, sb_b, scale,
     HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_gate(PDL)
     CONV_DIM: tl.constexpr = 2 * HK * DK + HV * DV
     R: tl.constexpr = HV // HK
     i_b = tl.program_id(0).to(tl.int64)
@@ -218,7 +221,7 @@ def gdn_decode(
         q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0), b.stride(0),
         Dk**-0.5 if scale is None else scale,
-        HV=Hv, R=Hv // Hk, DK=Dk, DV=Dv, BK=triton.next_power_of_2(Dk), BV=bv, num_warps=warps,
+        HV=Hv, R=Hv // Hk, DK=Dk, DV=Dv, BK=triton.next_power_of_2(Dk), BV=bv, num_warps=warps, **launch_args(),
     )
     return o
 
@@ -274,7 +277,7 @@ def gdn_decode_fused(
     _gdn_decode_fused_kernel[(B, Hv, triton.cdiv(Dv, bv))](
         mixed_qkv, a, b, conv_weight, conv_states, ssm_states, state_indices, positions, A_log, dt_bias, o,
         mixed_qkv.stride(0), a.stride(0), b.stride(0), Dk**-0.5 if scale is None else scale,
-        HK=Hk, HV=Hv, DK=Dk, DV=Dv, W=W, BK=triton.next_power_of_2(Dk), BV=bv, num_warps=warps,
+        HK=Hk, HV=Hv, DK=Dk, DV=Dv, W=W, BK=triton.next_power_of_2(Dk), BV=bv, num_warps=warps, **launch_args(),
     )
     return o
 

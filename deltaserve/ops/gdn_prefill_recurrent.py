@@ -29,6 +29,7 @@ from deltaserve.ops.gdn_decode import (
     _l2norm,
 )
 from deltaserve.ops.gdn_prefill import _check
+from deltaserve.ops.pdl import launch_args, pdl_gate
 
 
 # Per-sequence metadata (slots, flags, bounds) is read one entry at a time: no alignment specialisation.
@@ -37,8 +38,9 @@ def _gdn_prefill_recurrent_kernel(
     q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, state_ptr, idx_ptr, init_ptr, cu_ptr, o_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sa_t, sb_t, scale,
     HV: tl.constexpr, R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_gate(PDL)
     i_n = tl.program_id(0)
     i_h = tl.program_id(1)
     i_hk = i_h // R  # GVA: value head h reads key head h // R
@@ -127,6 +129,6 @@ def gdn_prefill_recurrent(
         q, k, v, a, b, A_log, dt_bias, ssm_states, state_indices, has_initial_state, cu_seqlens, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0), b.stride(0),
         Dk**-0.5 if scale is None else scale,
-        HV=Hv, R=Hv // Hk, DK=Dk, DV=Dv, BK=triton.next_power_of_2(Dk), BV=bv, num_warps=warps,
+        HV=Hv, R=Hv // Hk, DK=Dk, DV=Dv, BK=triton.next_power_of_2(Dk), BV=bv, num_warps=warps, **launch_args(),
     )
     return o

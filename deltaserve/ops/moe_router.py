@@ -29,10 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from deltaserve.ops.arrival import NUM_COUNTERS, counters
+from deltaserve.ops.pdl import launch_args
 
 try:
     import triton
     import triton.language as tl
+
+    from deltaserve.ops.pdl import pdl_gate
 except ImportError:  # pragma: no cover - CPU installs without triton use the reference
     triton = None
 
@@ -145,11 +148,12 @@ if triton is not None:
         H: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr,
         RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, SPLIT: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Grid (cdiv(T, BLOCK_T), units if SPLIT else 1). part [SPLIT_K, T, E (+1)] fp32: column E holds
         the shared gate's partial logit. Invariant: every partial of a token block is written before
         the one program that reads them starts its epilogue."""
+        pdl_gate(PDL)
         NUM_EB: tl.constexpr = (E + BLOCK_E - 1) // BLOCK_E
         K_SLICE: tl.constexpr = ((H + SPLIT_K - 1) // SPLIT_K + BLOCK_K - 1) // BLOCK_K * BLOCK_K
         UNITS: tl.constexpr = 1 if SPLIT else NUM_EB * SPLIT_K
@@ -278,7 +282,7 @@ def moe_router(
         BLOCK_E=cfg.block_e, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, SPLIT=cfg.split,
         E_PAD=triton.next_power_of_2(E), K_PAD=triton.next_power_of_2(k_out),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return weights, ids
 
@@ -297,9 +301,10 @@ if triton is not None:
     def _route_logits_kernel(
         logits_ptr, weights_ptr, ids_ptr, stride_t,
         E: tl.constexpr, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, RENORM: tl.constexpr,
-        E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+        E_PAD: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Grid (T,). logits row ``[E (+1)]``: column E is the shared gate's logit when HAS_SHARED."""
+        pdl_gate(PDL)
         K_OUT: tl.constexpr = TOP_K + HAS_SHARED
         t = tl.program_id(0).to(tl.int64)
         row = logits_ptr + t * stride_t
@@ -354,6 +359,6 @@ def moe_route_logits(logits: torch.Tensor, top_k: int, renormalize: bool, has_sh
         logits, weights, ids, logits.stride(0),
         E=E, TOP_K=top_k, HAS_SHARED=has_shared, RENORM=renormalize,
         E_PAD=triton.next_power_of_2(E), K_PAD=triton.next_power_of_2(k_out),
-        num_warps=4 if E > 128 else 1,
+        num_warps=4 if E > 128 else 1, **launch_args(),
     )  # fmt: skip
     return weights, ids

@@ -20,9 +20,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltaserve.ops.pdl import launch_args
+
 try:
     import triton
     import triton.language as tl
+
+    from deltaserve.ops.pdl import pdl_gate
 except ImportError:  # pragma: no cover - CPU installs without triton use the references
     triton = None
 
@@ -60,7 +64,8 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, stride_x, stride_r, N, eps,
-                         HAS_RES: tl.constexpr, ZERO_CENTERED: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RES: tl.constexpr, ZERO_CENTERED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_gate(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -78,7 +83,8 @@ if triton is not None:
         tl.store(y_ptr + row * N + cols, (xf * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rms_norm_gated_kernel(o_ptr, z_ptr, w_ptr, y_ptr, stride_o, stride_z, N, eps, BLOCK: tl.constexpr):
+    def _rms_norm_gated_kernel(o_ptr, z_ptr, w_ptr, y_ptr, stride_o, stride_z, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_gate(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -91,7 +97,8 @@ if triton is not None:
         tl.store(y_ptr + row * N + cols, (y * z * tl.sigmoid(z)).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, y_ptr, stride_x, I, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, y_ptr, stride_x, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_gate(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
@@ -131,7 +138,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, h, x2.stride(0), r2.stride(0), N, eps,
                                          HAS_RES=residual is not None, ZERO_CENTERED=zero_centered, BLOCK=block,
-                                         num_warps=_warps(block))
+                                         num_warps=_warps(block), **launch_args())
     y = y.view(x.shape)
     return y if residual is None else (y, h.view(x.shape))
 
@@ -148,7 +155,7 @@ def rms_norm_gated(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     y = torch.empty(o2.shape, dtype=o.dtype, device=o.device)
     if o2.shape[0]:
         _rms_norm_gated_kernel[(o2.shape[0],)](o2, z2, weight, y, o2.stride(0), z2.stride(0), N, eps, BLOCK=block,
-                                               num_warps=_warps(block))
+                                               num_warps=_warps(block), **launch_args())
     return y.view(o.shape)
 
 
@@ -164,5 +171,5 @@ def silu_and_mul(gate_up: torch.Tensor, force_triton: bool = False) -> torch.Ten
     block = min(triton.next_power_of_2(I), 1024)
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(I, block))](x2, y, x2.stride(0), I, BLOCK=block,
-                                                                   num_warps=_warps(block))
+                                                                   num_warps=_warps(block), **launch_args())
     return y.view(*gate_up.shape[:-1], I)

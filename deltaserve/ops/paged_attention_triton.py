@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.ops.pdl import launch_args, pdl_gate
+
 _LOG2E = 1.4426950408889634
 
 # Flash-decoding split policy, tuned on an H200 at Hq=16, Hkv=2, D=256, bf16 (CUDA-graph timings):
@@ -86,8 +88,9 @@ def _store_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    HKV: tl.constexpr, HKV_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_gate(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # padding token: leave the cache alone
@@ -118,7 +121,7 @@ def store_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HKV=Hkv, HKV_PAD=_pow2(Hkv), D=D, D_PAD=_pow2(D), PAGE=k_cache.shape[1],
-        num_warps=4 if Hkv * D >= 1024 else 2,
+        num_warps=4 if Hkv * D >= 1024 else 2, **launch_args(),
     )  # fmt: skip
 
 
@@ -136,8 +139,9 @@ def _decode_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_bt,
     HQ: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_GATE: tl.constexpr,
+    HAS_GATE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_gate(PDL)
     # Invariant: split s of a sequence covers KV tiles [s * per, min((s + 1) * per, n_tiles)) with
     # per = max(1, cdiv(n_tiles, num_splits)) computed from the live seq_len; the reduce kernel
     # recomputes the same bounds, so splits past the end write nothing and are never read.
@@ -201,8 +205,9 @@ def _decode_reduce_kernel(
     part_o_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr, o_ptr, gate_ptr, num_splits,
     stride_ob, stride_oh, stride_gb, stride_gh,
     HQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    S_PAD: tl.constexpr, HAS_GATE: tl.constexpr,
+    S_PAD: tl.constexpr, HAS_GATE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_gate(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -263,13 +268,13 @@ def paged_attention_decode(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HQ=Hq, G=G, G_PAD=_pow2(G, 16), D=D, D_PAD=_pow2(D), PAGE=k_cache.shape[1],
         BLOCK_N=block_n, SPLIT=splits > 1, DOT_PREC=_dot_precision(q), HAS_GATE=gate is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_args(),
     )  # fmt: skip
     if splits > 1:
         _decode_reduce_kernel[(B, Hq)](
             part_o, part_m, part_l, seq_lens, o, g, splits, o.stride(0), o.stride(1), g.stride(0), g.stride(1),
             HQ=Hq, D=D, D_PAD=_pow2(D), BLOCK_N=block_n, S_PAD=16 if splits <= 16 else _pow2(_MAX_SPLITS),
-            HAS_GATE=gate is not None, num_warps=2,
+            HAS_GATE=gate is not None, num_warps=2, **launch_args(),
         )  # fmt: skip
     return o
 
@@ -288,8 +293,9 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_gt, stride_gh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_bt,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    TOK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, HAS_GATE: tl.constexpr,
+    TOK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, HAS_GATE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_gate(PDL)
     # Invariant: a program owns query tokens [t0, t0 + TOK_M) of one sequence and all G query heads
     # of one KV head, as BLOCK_M = TOK_M * G_PAD rows (row r = token r // G_PAD, head r % G_PAD).
     # Query token i sits at position ctx + i and sees cache positions 0 .. ctx + i, so the KV loop
@@ -377,6 +383,6 @@ def paged_attention_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         G=G, G_PAD=g_pad, D=D, D_PAD=_pow2(D), PAGE=k_cache.shape[1],
         TOK_M=tok_m, BLOCK_N=block_n, DOT_PREC=_dot_precision(q), HAS_GATE=gate is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_args(),
     )  # fmt: skip
     return o

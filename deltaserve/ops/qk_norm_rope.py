@@ -27,10 +27,13 @@ import torch
 
 from deltaserve.ops.norms import rms_norm_ref
 from deltaserve.ops.paged_attention import _check_cache, store_kv_ref
+from deltaserve.ops.pdl import launch_args
 
 try:
     import triton
     import triton.language as tl
+
+    from deltaserve.ops.pdl import pdl_gate
 except ImportError:  # pragma: no cover - CPU installs without triton use the reference
     triton = None
 
@@ -94,8 +97,9 @@ if triton is not None:
         stride_qkv, stride_qt, stride_qh,
         stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, eps,
         HQ: tl.constexpr, HKV: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-        D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr, PAGE: tl.constexpr,
+        D: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_gate(PDL)
         # One program per token. Rows h < HQ of the tile are its query heads, rows HQ .. HQ + HKV - 1 its
         # KV heads: both get norm + RoPE; q rows go to q, k rows (and v) to the cache.
         t = tl.program_id(0).to(tl.int64)
@@ -194,6 +198,6 @@ def qk_norm_rope_store(
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), eps,
             HQ=Hq, HKV=Hkv, H_PAD=h_pad, HKV_PAD=triton.next_power_of_2(Hkv), D=D, D_PAD=d_pad, ROT=rot,
-            PAGE=k_cache.shape[1], num_warps=min(max(h_pad * d_pad // 1024, 1), 16),
+            PAGE=k_cache.shape[1], num_warps=min(max(h_pad * d_pad // 1024, 1), 16), **launch_args(),
         )  # fmt: skip
     return q

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.ops.arrival import counters
+from deltaserve.ops.pdl import launch_args, pdl_gate
 
 MAX_M = 64
 
@@ -61,8 +62,9 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_gate(PDL)
     # Program (pid, pid_k): rows [pid * BLOCK_N, +BLOCK_N) of y over K in [pid_k * K_SPLIT, +K_SPLIT).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -137,7 +139,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         x, w, y, ws, cnt, M, N, K, k_split, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
 

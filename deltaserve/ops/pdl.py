@@ -1,0 +1,68 @@
+"""Programmatic dependent launch (PDL) for deltaserve's Triton kernels (Hopper and newer).
+
+At decode a step is ~420 kernels of a few microseconds each, and between two of them the GPU idles
+while the next one launches: 0.41 ms of a 2.97 ms step on the 35B-A3B shape (H200, N=1,
+docs/perf/2026-11-28d.md). With PDL a kernel is launched with the programmatic-stream-serialization
+attribute and may start while the previous kernel of the stream is still running; it must then wait
+(``griddepcontrol.wait``) before it reads anything that kernel wrote.
+
+Our kernels take a ``PDL`` constexpr and begin with :func:`pdl_gate`: wait for the previous kernel,
+then allow the next one to launch (``griddepcontrol.launch_dependents``). Every read of this kernel
+comes after its wait, so it is correct after any kind of kernel; the next kernel, launched early,
+waits for this one in turn. What overlaps is the next kernel's launch and scheduling with this one's
+execution. Kernels of other libraries (cuBLAS, torch) are launched as usual and keep the usual full
+ordering. A PDL launch is also a normal launch where the attribute cannot apply (after a copy, across
+streams), and ``griddepcontrol.wait`` is a no-op in a kernel launched without it.
+
+Off by default (``--pdl``): process-wide, set by the engine at start-up on a GPU of compute
+capability 9.0 or newer. Under Triton's CPU interpreter it is never on (the interpreter has no
+``griddepcontrol``); the kernels are then exactly the non-PDL ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton never launch our kernels
+    triton = None
+
+_enabled = False
+
+
+def enable(on: bool, device: torch.device | str | None = None) -> None:
+    """Turn PDL on or off for every kernel launched afterwards in this process."""
+    global _enabled
+    if on:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError("pdl=True needs a GPU: Triton's interpreter (TRITON_INTERPRET=1) has no griddepcontrol")
+        if not torch.cuda.is_available():
+            raise ValueError("pdl=True needs a CUDA GPU of compute capability 9.0 or newer (Hopper); none is available")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 9:
+            raise ValueError(f"pdl=True needs compute capability 9.0 or newer (Hopper); this GPU is {major}.{minor}: "
+                             "leave --pdl off")
+    _enabled = on
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def launch_args() -> dict:
+    """Keyword arguments for a kernel launch: the ``PDL`` constexpr and, when on, Triton's ``launch_pdl``."""
+    return {"PDL": True, "launch_pdl": True} if _enabled else {"PDL": False}
+
+
+if triton is not None:
+
+    @triton.jit
+    def pdl_gate(PDL: tl.constexpr):
+        """First statement of a kernel: wait for the previous kernel's writes, then let the next launch."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()

@@ -130,22 +130,26 @@ def test_greedy_vs_transformers_first_divergence(tiny):
     assert firsts[0] is None or firsts[0] > 4
 
 
+def _tiny_or_hf(tmp_path, kind: str, dtype: str, seed: int):
+    """The demo model (``tiny``), or a transformers-built checkpoint of ``kind`` with random weights."""
+    if kind == "tiny":
+        return make_model("tiny", tmp_path, dtype=dtype, seed=seed)
+    from model_utils import add_demo_tokenizer, randomize_
+    from test_model_parity import build_hf
+
+    torch.manual_seed(0)
+    hf = build_hf(kind).eval()
+    randomize_(hf)
+    hf.save_pretrained(tmp_path)
+    add_demo_tokenizer(tmp_path)
+    return tmp_path
+
+
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
 def test_prefill_graphs_equal_eager_prefill(tmp_path, kind):
     """Prompts of < 64 tokens prefilled by a replayed CUDA graph give the eager engine's tokens and
     logprobs (fp32, the same kernels), across graph sizes, padding and slot reuse; longer prompts stay eager."""
-    if kind == "tiny":
-        d = make_model("tiny", tmp_path, dtype="float32", seed=5)
-    else:
-        from model_utils import add_demo_tokenizer, randomize_
-        from test_model_parity import build_hf
-
-        torch.manual_seed(0)
-        hf = build_hf(kind).eval()
-        randomize_(hf)
-        hf.save_pretrained(tmp_path)
-        add_demo_tokenizer(tmp_path)
-        d = tmp_path
+    d = _tiny_or_hf(tmp_path, kind, "float32", seed=5)
     rng = random.Random(11)
     prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (1, 5, 16, 17, 30, 63, 64, 65, 100, 30)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
@@ -171,18 +175,7 @@ def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
-    if kind == "tiny":
-        d = make_model("tiny", tmp_path, dtype="bfloat16", seed=7)
-    else:
-        from model_utils import add_demo_tokenizer, randomize_
-        from test_model_parity import build_hf
-
-        torch.manual_seed(0)
-        hf = build_hf(kind).eval()
-        randomize_(hf)
-        hf.save_pretrained(tmp_path)
-        add_demo_tokenizer(tmp_path)
-        d = tmp_path
+    d = _tiny_or_hf(tmp_path, kind, "bfloat16", seed=7)
     rng = random.Random(5)
     prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)

@@ -114,11 +114,10 @@ class EngineConfig:
         if self.device.startswith("cuda"):
             self._check(torch.cuda.is_available(), "device", self.device, "no CUDA device is visible: use cpu")
         if self.pdl:
-            self._check(self.device.startswith("cuda"), "pdl", self.pdl, "programmatic dependent launch needs a "
-                        "CUDA device: leave --pdl off on the CPU")
-            major, minor = torch.cuda.get_device_capability(self.device)
-            self._check(major >= 9, "pdl", self.pdl, f"this GPU is compute capability {major}.{minor}; programmatic "
-                        "dependent launch needs 9.0 (Hopper) or newer: leave --pdl off")
+            from deltaserve.ops.pdl import unavailable
+
+            why = unavailable(self.device)
+            self._check(why is None, "pdl", self.pdl, why)
 
     @staticmethod
     def _check(ok: bool, name: str, value: Any, fix: str) -> None:

@@ -165,10 +165,10 @@ class RowParallelLinear(LinearBase):
                  skinny: bool = False):
         self.full_input_size, self.reduce = input_size, reduce
         super().__init__(divide(input_size, tp_size(), what), output_size)
-        self.skinny_max_tokens = SKINNY_MAX_TOKENS if skinny else 0  # 0: always cuBLAS
+        self.skinny = skinny
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if skinny_fits(x, self.skinny_max_tokens):
+        if self.skinny and skinny_fits(x, SKINNY_MAX_TOKENS):
             y = skinny_linear_op(x, self.weight)
         else:
             y = F.linear(x, self.weight)

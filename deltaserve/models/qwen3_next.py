@@ -131,11 +131,8 @@ class Qwen3NextForCausalLM(nn.Module):
     def set_skinny_out_proj(self, on: bool) -> None:
         """The GDN out_proj and attention o_proj at <= SKINNY_MAX_TOKENS tokens: our split-K skinny GEMM
         (on) or cuBLAS (off)."""
-        from deltaserve.layers.linear import SKINNY_MAX_TOKENS
-
         for layer in self.model.layers:
-            proj = layer.linear_attn.out_proj if layer.is_gdn else layer.self_attn.o_proj
-            proj.skinny_max_tokens = SKINNY_MAX_TOKENS if on else 0
+            (layer.linear_attn.out_proj if layer.is_gdn else layer.self_attn.o_proj).skinny = on
 
     def gdn_layers(self) -> list[GatedDeltaNet]:
         return [layer.linear_attn for layer in self.model.layers if layer.is_gdn]

@@ -43,7 +43,6 @@ except ImportError:  # pragma: no cover - CPU installs without triton use the re
 _empty = torch.empty
 
 
-
 # -- reference (the CPU path, and what the kernel is tested against) -----------------------------------
 
 

@@ -34,18 +34,24 @@ except ImportError:  # pragma: no cover - CPU installs without triton never laun
 _enabled = False
 
 
+def unavailable(device: torch.device | str | None = None) -> str | None:
+    """Why PDL cannot run on ``device`` (with the fix), or None where it can."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "Triton's interpreter (TRITON_INTERPRET=1) has no griddepcontrol: leave --pdl off"
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return "programmatic dependent launch needs a CUDA device: leave --pdl off on the CPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return (f"this GPU is compute capability {major}.{minor}; programmatic dependent launch needs 9.0 "
+                "(Hopper) or newer: leave --pdl off")
+    return None
+
+
 def enable(on: bool, device: torch.device | str | None = None) -> None:
     """Turn PDL on or off for every kernel launched afterwards in this process."""
     global _enabled
-    if on:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            raise ValueError("pdl=True needs a GPU: Triton's interpreter (TRITON_INTERPRET=1) has no griddepcontrol")
-        if not torch.cuda.is_available():
-            raise ValueError("pdl=True needs a CUDA GPU of compute capability 9.0 or newer (Hopper); none is available")
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 9:
-            raise ValueError(f"pdl=True needs compute capability 9.0 or newer (Hopper); this GPU is {major}.{minor}: "
-                             "leave --pdl off")
+    if on and (why := unavailable(device)):
+        raise ValueError(f"pdl=True: {why}")
     _enabled = on
 
 

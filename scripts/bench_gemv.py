@@ -29,6 +29,10 @@ SHAPES = {  # name: (N, K)
     "9B GDN in_proj": (12352, 4096),
     "9B GDN out_proj": (4096, 4096),
     "122B-A10B GDN in_proj": (20608, 3072),
+    "9B MLP down_proj": (4096, 12288),
+    "9B MLP gate_up_proj": (24576, 4096),
+    "35B-A3B attention qkv_proj": (9216, 2048),
+    "35B-A3B router + shared gate": (257, 2048),
 }
 GRID = [GemvConfig(bn, bk, w, s) for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5))]
 GRID += [GemvConfig(64, bk, 8, 4) for bk in (128, 256)]
@@ -53,18 +57,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", default="1,4,16,64")
     p.add_argument("--output", default=None)
+    p.add_argument("--shapes", default=None, help="only the shapes whose name contains one of these (comma-separated)")
     args = p.parse_args()
     bw = measure_copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
     for name, (n, k) in SHAPES.items():
+        if args.shapes and not any(w in name for w in args.shapes.split(",")):
+            continue
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
         floor_us = n * k * 2 / bw * 1e6
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cublas = time_us(F.linear, weights, x)
             default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
-            grid = GRID + (SPLIT_GRID if n <= 4096 else [])
+            grid = GRID + (SPLIT_GRID if n <= 4096 or k >= 8192 else [])
             tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
             best = min(tried, key=tried.get)
             row = {"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,

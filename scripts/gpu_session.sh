@@ -59,6 +59,22 @@ for stage in "$@"; do
             --output-len 128 --max-num-seqs 16 --output "$LOGS/pdl-ab-9b-$rep$flag.json"
         done
       done ;;
+    router-ab) # the MoE router: cuBLAS GEMM + top-k launch against the one-launch split kernel, interleaved twice
+      for rep in 1 2; do
+        for r in gemm kernel; do
+          run "router-ab-$rep-$r" python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b \
+            ${LAYERS35:+--layers $LAYERS35} --moe-router "$r" --batch 1,4,16 --output-len 128 --max-num-seqs 16 \
+            --output "$LOGS/router-ab-$rep-$r.json"
+        done
+      done ;;
+    down-ab) # the 9B dense MLP down_proj: cuBLAS against the split-K skinny GEMM, interleaved twice
+      for rep in 1 2; do
+        for flag in --no-skinny-down-proj --skinny-down-proj; do
+          run "down-ab-$rep$flag" python3 -m deltaserve.cli bench offline --preset qwen3.5-9b "$flag" \
+            --batch 1,4,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/down-ab-$rep$flag.json"
+        done
+      done ;;
+    gemv-new) run gemv-new python3 scripts/bench_gemv.py --shapes "MLP,qkv,router" --output "$LOGS/gemv-new.json" ;;
     profile35b-pdl) run profile35b-pdl python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b \
                   ${LAYERS35:+--layers $LAYERS35} --pdl --batch 1 --output "$LOGS/profile35b-pdl.json" ;;
     out-ab) # the skinny out_proj on and off, interleaved twice (35B-A3B, N=1 and 16)

@@ -97,17 +97,35 @@ def test_real_shape_few_layers_gpu_matches_cpu(tmp_path, preset):
 
 
 def test_batched_greedy_equals_single_on_gpu(tiny):
+    """Batched decode computes what each request computes alone. bf16 kernels round differently at
+    different batch sizes (another GEMM tile, split-K or cuBLAS kernel), so greedy paths of this flat,
+    random-weight model may fork where two tokens are nearly tied; a real mix-up between rows moves the
+    logprobs by far more. Up to each fork the chosen tokens' logprobs agree, and at the fork the token the
+    batch chose is one the request alone rated within bf16 noise of its own choice."""
     llm = LLM(str(tiny), dtype="bfloat16", max_num_seqs=8, gpu_memory_utilization=0.2)
     assert llm.engine.runner.graphs is not None  # decode runs from CUDA graphs
     rng = random.Random(0)
     prompts = [[rng.randrange(5, 1900) for _ in range(rng.choice([1, 7, 33, 64, 65, 200]))] for _ in range(8)]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    batched = [o.token_ids for o in llm.generate(prompts, params)]
-    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
-    diverge = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(batched, alone)]
-    print(f"\nbatched vs alone first divergence per request: {diverge}")
-    # bf16 kernels at different batch sizes may round differently; most requests must agree exactly.
-    assert sum(d is None for d in diverge) >= 6
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
+    batched = llm.generate(prompts, params)
+    alone = [llm.generate([p], params)[0] for p in prompts]
+    tol = 0.1  # nats: bf16 rounding of a 2-layer model's logits, far below a wrong row's error (order 1)
+    forks, worst = [], 0.0
+    for b, a in zip(batched, alone):
+        fork = next((i for i, (x, y) in enumerate(zip(b.token_ids, a.token_ids)) if x != y), None)
+        forks.append(fork)
+        same = len(b.token_ids) if fork is None else fork
+        for i in range(same):
+            worst = max(worst, abs(b.logprobs[i]["logprob"] - a.logprobs[i]["logprob"]))
+        if fork is not None:
+            rated = dict(a.logprobs[fork]["top"])  # the alone run's top 5 at the fork
+            chosen_b = b.token_ids[fork]
+            assert chosen_b in rated, f"fork at {fork}: batched chose {chosen_b}, not in alone's top 5 {rated}"
+            assert a.logprobs[fork]["logprob"] - rated[chosen_b] <= tol, (fork, a.logprobs[fork], chosen_b)
+    print(f"\nbatched vs alone: first fork per request {forks}; largest logprob difference before a fork "
+          f"{worst:.4f}")
+    assert worst <= tol
+    assert sum(f is None for f in forks) >= 2  # most forks are late near-ties, not every request
     del llm
     torch.cuda.empty_cache()
 

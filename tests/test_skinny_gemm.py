@@ -51,7 +51,7 @@ def test_split_k_matches_linear_and_leaves_counters_zero(kernel_device, split_k,
 
 def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     """The decoder wiring of the skinny GEMM: a tiny fp32 model whose GDN in_proj is ``fused_gemv`` and
-    whose out_proj / o_proj take the split-K path (the kernels under the interpreter on the CPU) equals
+    whose out_proj / o_proj / dense down_proj take the split-K path (the kernels under the interpreter on the CPU) equals
     the same model on cuBLAS-equivalent F.linear, through a prefill (too many tokens for the out_proj
     path: 17 > 16) and decode steps (one token: every skinny path)."""
     from model_utils import Runner
@@ -59,6 +59,7 @@ def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     import deltaserve.layers.inproj as inproj
     import deltaserve.layers.linear as linear
     from deltaserve.layers.inproj import FUSED_GEMV, InProjPlan
+    from deltaserve.layers.mlp import SwiGLU
     from deltaserve.models.loader import load_model
     from deltaserve.models.make_model import make_model
 
@@ -78,7 +79,7 @@ def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     runs = {}
     for name, plan, skinny_out in (("fused", InProjPlan("fused"), False), ("skinny", gemv, True)):
         model = load_model(d, dtype=torch.float32, plan=plan)
-        model.set_skinny_out_proj(skinny_out)
+        model.set_skinny_out_proj(skinny_out, down_proj=skinny_out)
         runner = Runner(model)
         seq, logits = runner.prefill(list(range(3, 20)))
         runs[name] = [logits] + [runner.step([(seq, [t])]) for t in (21, 22)]
@@ -89,7 +90,10 @@ def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     H = layers[0].input_layernorm.weight.shape[0]
     assert [c for c in calls if c[1] != H] == [(17, layers[0].linear_attn.in_proj.weight.shape[0])] * n_gdn \
         + [(1, layers[0].linear_attn.in_proj.weight.shape[0])] * n_gdn * 2  # fused_gemv up to 64 tokens
-    assert [c for c in calls if c[1] == H] == [(1, H)] * n_layers * 2  # out_proj / o_proj: decode steps only
+    n_dense = sum(isinstance(layer.mlp, SwiGLU) for layer in layers)
+    assert n_dense > 0  # the demo model's dense MLP down_proj is on the path too
+    # out_proj / o_proj and the dense down_proj: decode steps only
+    assert [c for c in calls if c[1] == H] == [(1, H)] * (n_layers + n_dense) * 2
 
 
 def test_pick_config_covers_the_shapes_it_was_measured_on():
@@ -110,9 +114,9 @@ def test_arrival_counters_are_one_zeroed_buffer_with_a_named_limit(kernel_device
         counters(kernel_device, NUM_COUNTERS + 1)
 
 
-def test_pdl_is_off_by_default_and_refused_where_it_cannot_run():
-    """Programmatic dependent launch: no launch attribute unless enabled; the interpreter (these CPU tests)
-    and a CPU engine config refuse it with the fix named."""
+def test_pdl_defaults_to_where_it_can_run_and_is_refused_elsewhere():
+    """Programmatic dependent launch: no launch attribute unless enabled; the default resolves to off on
+    the CPU; the interpreter (these CPU tests) and a CPU engine config refuse it with the fix named."""
     from deltaserve.config import ConfigError, EngineConfig
     from deltaserve.ops import pdl
 
@@ -121,8 +125,10 @@ def test_pdl_is_off_by_default_and_refused_where_it_cannot_run():
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             pdl.enable(True)
         assert not pdl.enabled()
-    with pytest.raises(ConfigError, match="pdl=True is invalid: .*leave --pdl off"):
+    with pytest.raises(ConfigError, match="pdl=True is invalid: .*use --no-pdl"):
         EngineConfig(device="cpu", pdl=True)
+    assert EngineConfig(device="cpu").pdl is False and EngineConfig(device="cpu", pdl=False).pdl is False
+    assert "pdl" not in EngineConfig(device="cpu").non_defaults()
 
 
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():

@@ -63,7 +63,7 @@ class ModelRunner:
         with layer_arg_mode(cfg.layer_arg):
             self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
         self.model.set_moe_router(cfg.moe_router)
-        self.model.set_skinny_out_proj(cfg.skinny_out_proj)
+        self.model.set_skinny_out_proj(cfg.skinny_out_proj, cfg.skinny_down_proj)
         if on_gpu:  # the split kernels' arrival counters, made before any CUDA-graph capture
             from deltaserve.ops.arrival import prepare
 
@@ -71,6 +71,8 @@ class ModelRunner:
         from deltaserve.ops import pdl
 
         pdl.enable(cfg.pdl, self.device if on_gpu else None)  # process-wide, for every launch from here on
+        if on_gpu:
+            logger.info("programmatic dependent launch %s", "on" if cfg.pdl else "off")
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

@@ -128,11 +128,13 @@ class Qwen3NextForCausalLM(nn.Module):
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.set_router(impl)
 
-    def set_skinny_out_proj(self, on: bool) -> None:
-        """The GDN out_proj and attention o_proj at <= SKINNY_MAX_TOKENS tokens: our split-K skinny GEMM
-        (on) or cuBLAS (off)."""
+    def set_skinny_out_proj(self, on: bool, down_proj: bool = False) -> None:
+        """The GDN out_proj and attention o_proj (and, with ``down_proj``, the dense MLP's down_proj) at
+        <= SKINNY_MAX_TOKENS tokens: our split-K skinny GEMM (on) or cuBLAS (off)."""
         for layer in self.model.layers:
             (layer.linear_attn.out_proj if layer.is_gdn else layer.self_attn.o_proj).skinny = on
+            if isinstance(layer.mlp, SwiGLU):
+                layer.mlp.down_proj.skinny = down_proj
 
     def gdn_layers(self) -> list[GatedDeltaNet]:
         return [layer.linear_attn for layer in self.model.layers if layer.is_gdn]

@@ -67,11 +67,15 @@ for stage in "$@"; do
             --output "$LOGS/router-ab-$rep-$r.json"
         done
       done ;;
-    down-ab) # the 9B dense MLP down_proj: cuBLAS against the split-K skinny GEMM, interleaved twice
-      for rep in 1 2; do
-        for flag in --no-skinny-down-proj --skinny-down-proj; do
-          run "down-ab-$rep$flag" python3 -m deltaserve.cli bench offline --preset qwen3.5-9b "$flag" \
-            --batch 1,4,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/down-ab-$rep$flag.json"
+    dense-ab) # --skinny-dense off and on (the dense MLP, attention qkv_proj and MoE router GEMM on the skinny
+              # GEMM), interleaved twice, 9B then 35B-A3B (N=1, 4, 16)
+      for preset in qwen3.5-9b qwen3.5-35b-a3b; do
+        for rep in 1 2; do
+          for flag in --no-skinny-dense --skinny-dense; do
+            run "dense-ab-$preset-$rep$flag" python3 -m deltaserve.cli bench offline --preset "$preset" "$flag" \
+              $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --batch 1,4,16 \
+              --output-len 128 --max-num-seqs 16 --output "$LOGS/dense-ab-$preset-$rep$flag.json"
+          done
         done
       done ;;
     gemv-new) run gemv-new python3 scripts/bench_gemv.py --shapes "MLP,qkv,router" --output "$LOGS/gemv-new.json" ;;
@@ -124,6 +128,17 @@ for stage in "$@"; do
       run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35cfg --a "--load-format dummy --max-num-seqs 16 --inproj ${stage#ab-}" \
         --b "--load-format dummy --max-num-seqs 16 --inproj fused" --trials ${TRIALS:-3} --concurrency 1,2,4,8,16 --max-tokens ${AB_TOKENS:-256} \
         --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 --output "$LOGS/$stage" ;;
+    ab-paired-serial|ab-paired-dual)  # <strategy> vs fused, --paired: both servers on this GPU at once (the 35B-A3B
+      # shape with PAIRED_LAYERS layers, so that it fits twice), back-to-back sweep pairs
+      run "$stage-cfg" python3 -m deltaserve.cli make-model --preset qwen3.5-35b-a3b --layers ${PAIRED_LAYERS:-24} \
+        --no-weights --out /tmp/m35paired
+      serve="--load-format dummy --max-num-seqs 16 --gpu-memory-utilization 0.45"
+      run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35paired --paired --a "$serve --inproj ${stage#ab-paired-}" \
+        --b "$serve --inproj fused" --trials ${TRIALS:-8} --concurrency 1,2,4,8,16 --max-tokens ${AB_TOKENS:-256} \
+        --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 3 --equiv-max-tokens 128 \
+        --output "$LOGS/$stage" ;;
+    engine-new) run engine-new python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
+                  -k "skinny_dense or pdl or prefill_graphs or batched" ;;
     startup35b) run startup35b python3 -m deltaserve.cli bench startup /tmp/m35cfg --load-format dummy --cold --runs 1 \
                   --log-dir "$LOGS/startup35b-servers" --output "$LOGS/startup35b.json" ;;
     ttft35b)  # one server, 30 sequential streamed requests of ~30-token prompts (chat template included);

@@ -144,6 +144,21 @@ def test_ab_detects_a_slower_server(model_dir, tmp_path):
     assert report["equivalence"][0]["equal"]
 
 
+def test_ab_paired_runs_both_servers_once_and_detects_a_slower_one(model_dir, tmp_path):
+    out = tmp_path / "paired"
+    assert bench("ab", str(model_dir), "--a=--max-num-seqs 4", "--b=--max-num-seqs 4 --debug-step-delay-ms 40",
+                 *SMALL_SWEEP, "--paired", "--trials", "3", "--equiv-prompts", "1", "--output", str(out)) == 0
+    report = json.loads((out / "ab.json").read_text())
+    assert sorted(p.name for p in out.glob("server-*.log")) == ["server-A.log", "server-B.log"]  # one start each
+    assert [t["side"] + str(t["trial"]) for t in report["trials"]] == ["A1", "B1", "B2", "A2", "A3", "B3"]
+    for row in report["comparison"]:
+        c = row["combined_tok_s"]["comparison"]
+        assert c["scale"] == "paired log" and c["df"] == 2.0
+        assert c["verdict"] == "A faster" and c["delta_pct_high"] < 0, row
+    assert report["equivalence"][0]["equal"] and report["equivalence"][0]["a_reproducible"]
+    assert "Paired mode" in (out / "report.md").read_text()
+
+
 def test_equivalence_locates_the_first_difference(model_dir):
     assert first_difference("abcd", "abxd") == 2
     assert first_difference("abc", "abc") is None

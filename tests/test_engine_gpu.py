@@ -163,6 +163,20 @@ def _tiny_or_hf(tmp_path, kind: str, dtype: str, seed: int):
     return tmp_path
 
 
+def _off_and_on(d, dtype: str, option: str, run, check=None) -> dict:
+    """``run(llm)`` under an engine with ``option`` False, then True (one engine at a time)."""
+    outs = {}
+    for on in (False, True):
+        llm = LLM(str(d), dtype=dtype, max_num_seqs=4, gpu_memory_utilization=0.3, **{option: on})
+        if check:
+            check(llm, on)
+        outs[on] = run(llm)
+        llm.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    return outs
+
+
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
 def test_prefill_graphs_equal_eager_prefill(tmp_path, kind):
     """Prompts of < 64 tokens prefilled by a replayed CUDA graph give the eager engine's tokens and
@@ -171,14 +185,11 @@ def test_prefill_graphs_equal_eager_prefill(tmp_path, kind):
     rng = random.Random(11)
     prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (1, 5, 16, 17, 30, 63, 64, 65, 100, 30)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    outs = {}
-    for graphs in (False, True):
-        llm = LLM(str(d), dtype="float32", max_num_seqs=4, gpu_memory_utilization=0.3, prefill_cuda_graphs=graphs)
+    def check(llm, graphs):
         assert (llm.engine.runner.prefill_graphs is not None) == graphs
-        outs[graphs] = [llm.generate([p], params)[0] for p in prompts]  # one at a time: each prefill is alone
-        llm.shutdown()
-        del llm
-        torch.cuda.empty_cache()
+
+    outs = _off_and_on(d, "float32", "prefill_cuda_graphs",
+                       lambda llm: [llm.generate([p], params)[0] for p in prompts], check)  # each prefill alone
     for e, g in zip(outs[False], outs[True]):
         assert g.token_ids == e.token_ids
         for a, b in zip(e.logprobs, g.logprobs):
@@ -197,17 +208,26 @@ def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
     rng = random.Random(5)
     prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
-    outs = {}
-    try:
-        for on in (False, True):
-            llm = LLM(str(d), dtype="bfloat16", max_num_seqs=4, gpu_memory_utilization=0.3, pdl=on)
-            assert pdl.enabled() == on
-            outs[on] = llm.generate(prompts, params)  # 6 prompts over 4 slots: batched, graph and eager steps
-            llm.shutdown()
-            del llm
-            torch.cuda.empty_cache()
-    finally:
-        pdl.enable(False)
+    def check(llm, on):
+        assert pdl.enabled() == on
+
+    # 6 prompts over 4 slots: batched, graph and eager steps
+    outs = _off_and_on(d, "bfloat16", "pdl", lambda llm: llm.generate(prompts, params), check)
     for a, b in zip(outs[False], outs[True]):
         assert b.token_ids == a.token_ids
         assert [x["logprob"] for x in b.logprobs] == [x["logprob"] for x in a.logprobs]
+
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
+def test_skinny_dense_matches_cublas(tmp_path, kind):
+    """``--skinny-dense`` (dense MLP, attention qkv_proj, MoE router GEMM on the skinny GEMM) computes what
+    cuBLAS computes: fp32, decode graphs at 1..4 sequences, the same tokens and logprobs within 1e-3."""
+    d = _tiny_or_hf(tmp_path, kind, "float32", seed=9)
+    rng = random.Random(9)
+    prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    outs = _off_and_on(d, "float32", "skinny_dense", lambda llm: llm.generate(prompts, params))
+    for a, b in zip(outs[False], outs[True]):
+        assert b.token_ids == a.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x["logprob"] - y["logprob"]) < 1e-3

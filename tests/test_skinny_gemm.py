@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -79,21 +80,60 @@ def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     runs = {}
     for name, plan, skinny_out in (("fused", InProjPlan("fused"), False), ("skinny", gemv, True)):
         model = load_model(d, dtype=torch.float32, plan=plan)
-        model.set_skinny_out_proj(skinny_out, down_proj=skinny_out)
+        model.set_skinny(skinny_out, dense=skinny_out)
         runner = Runner(model)
         seq, logits = runner.prefill(list(range(3, 20)))
         runs[name] = [logits] + [runner.step([(seq, [t])]) for t in (21, 22)]
     for got, want in zip(runs["skinny"], runs["fused"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     layers = load_model(d, dtype=torch.float32).model.layers
-    n_gdn, n_layers = sum(layer.is_gdn for layer in layers), len(layers)
-    H = layers[0].input_layernorm.weight.shape[0]
-    assert [c for c in calls if c[1] != H] == [(17, layers[0].linear_attn.in_proj.weight.shape[0])] * n_gdn \
-        + [(1, layers[0].linear_attn.in_proj.weight.shape[0])] * n_gdn * 2  # fused_gemv up to 64 tokens
-    n_dense = sum(isinstance(layer.mlp, SwiGLU) for layer in layers)
-    assert n_dense > 0  # the demo model's dense MLP down_proj is on the path too
-    # out_proj / o_proj and the dense down_proj: decode steps only
-    assert [c for c in calls if c[1] == H] == [(1, H)] * (n_layers + n_dense) * 2
+    n_gdn = sum(layer.is_gdn for layer in layers)
+    in_rows = layers[0].linear_attn.in_proj.weight.shape[0]
+    assert [c for c in calls if c[1] == in_rows] == [(17, in_rows)] * n_gdn \
+        + [(1, in_rows)] * n_gdn * 2  # fused_gemv up to 64 tokens
+    # The rest only at the decode steps (prefill: 17 > 16 tokens): per layer out_proj / o_proj, per
+    # attention layer qkv_proj, per dense MLP gate_up and down_proj (with dense=True).
+    per_step = Counter()
+    for layer in layers:
+        per_step[layer.linear_attn.out_proj.weight.shape[0] if layer.is_gdn else layer.self_attn.o_proj.weight.shape[0]] += 1
+        if not layer.is_gdn:
+            per_step[layer.self_attn.qkv_proj.weight.shape[0]] += 1
+        if isinstance(layer.mlp, SwiGLU):
+            per_step[layer.mlp.gate_up_proj.weight.shape[0]] += 1
+            per_step[layer.mlp.down_proj.weight.shape[0]] += 1
+    assert any(isinstance(layer.mlp, SwiGLU) for layer in layers) and not all(layer.is_gdn for layer in layers)
+    assert Counter(c for c in calls if c[1] != in_rows) == Counter({(1, n): 2 * k for n, k in per_step.items()})
+
+
+def test_moe_router_gemm_takes_the_skinny_path_from_two_tokens(monkeypatch, tmp_path):
+    """``skinny_router``: the router GEMM of a sparse MoE block runs on the skinny GEMM at 2..16 tokens
+    (cuBLAS stays faster at one), and routes like F.linear's logits."""
+    from model_utils import randomize_
+    from test_model_parity import build_hf
+
+    import deltaserve.layers.linear as linear
+    from deltaserve.layers.moe import ROUTER_SKINNY_MIN_TOKENS, SparseMoE
+    from deltaserve.models.loader import load_model
+
+    torch.manual_seed(0)
+    hf = build_hf("qwen3_5_moe").eval()
+    randomize_(hf)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.float32)
+    model.set_moe_router("gemm")
+    moe = next(m for m in model.modules() if isinstance(m, SparseMoE))
+    calls = []
+    real = linear.skinny_linear_op.fn
+    monkeypatch.setattr(linear, "skinny_fits", lambda x, n: 0 < x.shape[0] <= n)  # as if on CUDA
+    monkeypatch.setattr(linear.skinny_linear_op, "fn", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    xs = [torch.randn(n, moe.gate.weight.shape[1]) for n in (1, 2, 5, 16, 17)]
+    want = [moe(x) for x in xs]
+    assert calls == []
+    moe.skinny_router = True
+    got = [moe(x) for x in xs]
+    assert ROUTER_SKINNY_MIN_TOKENS == 2 and calls == [2, 5, 16]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_pick_config_covers_the_shapes_it_was_measured_on():

@@ -13,6 +13,15 @@ caches, placement) and are not independent samples of the configuration. Per N t
 mean and std per side, delta % of B vs A with a Welch t interval, and the verdict: "B faster",
 "A faster", or "no difference resolved" when the interval of the difference contains 0.
 
+``--paired`` answers a narrower question more precisely, for effects smaller than the machine's drift
+between server starts (a few % on an H200): both servers start once, on the same GPU (give each a
+``--gpu-memory-utilization`` share; a model that fits twice), and stay up; each trial sweeps A then B
+(B then A in even trials) back to back, while the other server idles. A trial is then a pair measured
+at nearly the same time, and the interval is the paired t interval of the per-trial log ratio B / A
+(n - 1 degrees of freedom): drift common to both sides cancels. What it does not sample is the
+variation between server starts, so it suits configurations whose start-up is deterministic (fixed
+kernels, no autotuning), and the report says which mode produced it.
+
 Output equivalence (greedy, temperature 0, sequential): for every prompt the sha256 of the text
 under each trial. A configuration whose own trials disagree is not deterministic, and then an A/B
 mismatch says nothing about the change; the table says so instead of blaming it.
@@ -47,7 +56,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a", default="", help='serve flags of A, one string: --a "--inproj serial" (a single flag '
                                            'without a value: --a=--compile)')
     p.add_argument("--b", default="", help="serve flags of B, one string")
-    p.add_argument("--trials", type=int, default=3, help="server starts per side (the unit of the statistics)")
+    p.add_argument("--trials", type=int, default=3, help="server starts per side (the unit of the statistics); "
+                                                           "with --paired, back-to-back A/B sweep pairs")
+    p.add_argument("--paired", action="store_true", help="start A and B once, side by side on one GPU, and "
+                                                         "compare back-to-back sweeps pairwise (see the module doc)")
     add_workload_args(p)
     p.add_argument("--equiv-prompts", type=int, default=5, help="prompts in the output-equivalence check")
     p.add_argument("--equiv-max-tokens", type=int, default=None, help="their max_tokens (default --max-tokens)")
@@ -67,25 +79,52 @@ async def greedy_outputs(url: str, model: str, prompts: list[str], max_tokens: i
     return out
 
 
+async def measure(server: ServerProcess, side: str, trial: int, args: argparse.Namespace) -> dict:
+    """One sweep and the greedy outputs against a ready server: one trial's record (no exit status yet)."""
+    async with make_session(30, args.api_key) as session:  # --api-key: for a server started with one
+        name = await first_model(session, server.url)
+    source = PromptSource(args.prompts)  # the same sequence for every trial of both sides
+    levels = await run_sweep(server.url, name, args, source, desc=f"{side}{trial}")
+    outputs = await greedy_outputs(server.url, name, [source.prompt(i) for i in range(args.equiv_prompts)],
+                                   args.equiv_max_tokens or args.max_tokens, args.ignore_eos,
+                                   args.request_timeout, args.api_key)
+    return {"side": side, "trial": trial, "command": shlex.join(server.command), "levels": levels,
+            "outputs": outputs}
+
+
 async def run_trial(side: str, trial: int, flags: list[str], args: argparse.Namespace, out_dir: Path) -> dict:
     server = ServerProcess(args.model, flags, out_dir / f"server-{side}-{trial}.log")
     try:
         ready_s = await server.wait_ready(args.server_timeout)
-        async with make_session(30, args.api_key) as session:  # --api-key: for a server started with one
-            name = await first_model(session, server.url)
-        source = PromptSource(args.prompts)  # the same sequence for every trial of both sides
-        levels = await run_sweep(server.url, name, args, source, desc=f"{side}{trial}")
-        outputs = await greedy_outputs(server.url, name, [source.prompt(i) for i in range(args.equiv_prompts)],
-                                       args.equiv_max_tokens or args.max_tokens, args.ignore_eos,
-                                       args.request_timeout, args.api_key)
+        record = await measure(server, side, trial, args)
     finally:
         status = server.stop()
-    return {"side": side, "trial": trial, "command": shlex.join(server.command), "ready_s": ready_s,
-            "exit_status": status, "levels": levels, "outputs": outputs}
+    return {**record, "ready_s": ready_s, "exit_status": status}
 
 
-def compare_levels(trials: list[dict], confidence: float) -> list[dict]:
-    """Per N: per-trial values of each side and their Welch comparison."""
+async def run_paired(flags: dict[str, list[str]], args: argparse.Namespace, out_dir: Path) -> list[dict]:
+    """``--paired``: both servers up at once (started one after the other, so their start-ups do not
+    compete), then ``args.trials`` back-to-back pairs, A first in odd trials and B first in even ones."""
+    servers: dict[str, ServerProcess] = {}
+    ready: dict[str, float] = {}
+    trials = []
+    try:
+        for side in SIDES:
+            servers[side] = ServerProcess(args.model, flags[side], out_dir / f"server-{side}.log")
+            ready[side] = await servers[side].wait_ready(args.server_timeout)
+        for trial in range(1, args.trials + 1):
+            for side in SIDES if trial % 2 else SIDES[::-1]:
+                print(f"trial {trial}, {side}", file=sys.stderr)
+                trials.append({**await measure(servers[side], side, trial, args), "ready_s": ready[side]})
+    finally:
+        status = {side: server.stop() for side, server in servers.items()}
+    for t in trials:
+        t["exit_status"] = status[t["side"]]
+    return trials
+
+
+def compare_levels(trials: list[dict], confidence: float, paired: bool = False) -> list[dict]:
+    """Per N: per-trial values of each side and their comparison (Welch; with ``paired``, per trial pair)."""
     rows = []
     for i, n in enumerate(lv["concurrency"] for lv in trials[0]["levels"]):
         per = {s: [t["levels"][i] for t in trials if t["side"] == s] for s in SIDES}
@@ -94,8 +133,14 @@ def compare_levels(trials: list[dict], confidence: float) -> list[dict]:
                                    ("ttft_ms", lambda lv: lv["median_ttft_ms"], False)):
             # A trial whose level had no completed request has no value (NaN or 0 tok/s): it is left
             # out of the interval (n shrinks, which widens it) and shows in the "failed" column.
-            a, b = ([v for v in map(value, per[s]) if math.isfinite(v) and v > 0] for s in SIDES)
-            c = stats.compare(a, b, higher_is_better=higher, confidence=confidence, log=True)
+            if paired:  # a trial whose level failed on either side drops out as a pair
+                pairs = [(x, y) for x, y in zip(map(value, per["A"]), map(value, per["B"]))
+                         if all(math.isfinite(v) and v > 0 for v in (x, y))]
+                a, b = [x for x, _ in pairs], [y for _, y in pairs]
+                c = stats.compare_paired(a, b, higher_is_better=higher, confidence=confidence)
+            else:
+                a, b = ([v for v in map(value, per[s]) if math.isfinite(v) and v > 0] for s in SIDES)
+                c = stats.compare(a, b, higher_is_better=higher, confidence=confidence, log=True)
             row[key] = {"a_trials": a, "b_trials": b, "a": c.a.to_dict(), "b": c.b.to_dict(), "comparison": c.to_dict()}
         rows.append(row)
     return rows
@@ -166,6 +211,14 @@ def equivalence_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def markdown(env: dict, args: argparse.Namespace, trials: list[dict], rows: list[dict], eq: list[dict]) -> str:
     conf = f"{100 * args.confidence:.0f}%"
+    if args.paired:
+        method = (f"**Paired mode**: both servers ran side by side on one GPU for the whole run (started once: "
+                  f"A ready in {trials[0]['ready_s']:.1f} s), and each trial swept A and B back to back. Delta = "
+                  f"the geometric mean of the per-trial ratios B / A - 1, with the {conf} paired t interval of "
+                  "their logarithms (n - 1 degrees of freedom); variation between server starts is not sampled.")
+    else:
+        method = (f"Delta = geometric mean of B / geometric mean of A - 1, with a {conf} Welch t interval computed "
+                  "on the logarithms (noise in rates and latencies is proportional to their level).")
     order = " ".join(f"{t['side']}{t['trial']} (ready {t['ready_s']:.1f} s)" for t in trials)
     per_trial = [[str(r["concurrency"]), side, ", ".join(num(v) for v in r["combined_tok_s"][f"{side.lower()}_trials"]),
                   ", ".join(num(v) for v in r["ttft_ms"][f"{side.lower()}_trials"])] for r in rows for side in SIDES]
@@ -185,10 +238,8 @@ def markdown(env: dict, args: argparse.Namespace, trials: list[dict], rows: list
         f"rounds, then {args.repeats} timed rounds", f"- order: {order}", "",
         "## Throughput and TTFT", "",
         f"One sample per trial (n = {args.trials} per side): the trial's mean combined tok/s over its rounds, and "
-        f"its median TTFT. Delta = geometric mean of B / geometric mean of A - 1, with a {conf} Welch t interval "
-        "computed on the logarithms (noise in rates and latencies is proportional to their level). The verdict "
-        "is \"no difference resolved\" when that interval contains 0: the trials cannot tell the two apart, "
-        "whatever the point estimate says.", "", markdown_table(*table(rows)), "",
+        f"its median TTFT. {method} The verdict is \"no difference resolved\" when that interval contains 0: the "
+        "trials cannot tell the two apart, whatever the point estimate says.", "", markdown_table(*table(rows)), "",
         *notes, "", "### Per-trial values", "",
         markdown_table(["N", "side", "combined tok/s per trial", "median TTFT ms per trial"], per_trial), "",
         "## Output equivalence", "",
@@ -213,7 +264,9 @@ def main(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = []
     try:
-        for trial in range(1, args.trials + 1):
+        if args.paired:
+            trials = asyncio.run(run_paired(flags, args, out_dir))
+        for trial in range(1, args.trials + 1) if not args.paired else ():
             for side in SIDES if trial % 2 else SIDES[::-1]:
                 print(f"trial {trial}, {side}: deltaserve serve {args.model} {shlex.join(flags[side])}",
                       file=sys.stderr)
@@ -222,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         write_json(out_dir / "ab.json", {"error": str(e), "args": vars_of(args), "trials": trials})
         return 1
-    rows = compare_levels(trials, args.confidence)
+    rows = compare_levels(trials, args.confidence, args.paired)
     eq = equivalence(trials, args.model)
     env = environment()
     write_json(out_dir / "ab.json", {"environment": env, "args": vars_of(args), "flags": flags, "comparison": rows,

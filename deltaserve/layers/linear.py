@@ -12,9 +12,11 @@ only its own rows. With ``tp_size == 1`` every layer is a plain ``F.linear``.
 | QKVParallelLinear | q heads split; K/V heads split, or replicated when fewer than ranks | - |
 | RowParallelLinear | columns split | all-reduce |
 
-A RowParallelLinear made with ``skinny=True`` (the GDN out_proj and the attention o_proj: 2048 or 4096
-output rows) runs batches of at most ``SKINNY_MAX_TOKENS`` tokens on CUDA through our split-K skinny
-GEMM (``ops/skinny_gemm.py``) instead of cuBLAS: 8.2 against 9.7 us on the 35B-A3B shape (H200).
+A layer whose ``skinny`` flag is set runs batches of at most ``SKINNY_MAX_TOKENS`` tokens on CUDA through
+our skinny GEMM (``ops/skinny_gemm.py``) instead of cuBLAS. The GDN out_proj and the attention o_proj
+(2048 or 4096 output rows, split-K) are made with it on: 8.2 against 9.7 us on the 35B-A3B shape (H200).
+The model's ``set_skinny`` switches them and, with ``--skinny-dense``, the dense MLP, the attention
+qkv_proj and the MoE router GEMM.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def skinny_fits(x: torch.Tensor, max_tokens: int) -> bool:
     return x.is_cuda and 0 < x.shape[0] <= max_tokens
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, skinny: bool) -> torch.Tensor:
+    """``F.linear``; with ``skinny``, batches of at most ``SKINNY_MAX_TOKENS`` rows on CUDA go through our
+    skinny GEMM instead of cuBLAS (the same function, one fp32-accumulated rounding per output)."""
+    if skinny and skinny_fits(x, SKINNY_MAX_TOKENS):
+        return skinny_linear_op(x, weight)
+    return F.linear(x, weight)
+
+
 def copy_checked(dst: torch.Tensor, src, name: str) -> None:
     """Copy a (possibly lazy) checkpoint tensor into ``dst`` after checking its shape."""
     src = src[:] if not isinstance(src, torch.Tensor) else src
@@ -83,9 +93,10 @@ class LinearBase(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.skinny = False  # few-token batches on our skinny GEMM (``linear``); the model's set_skinny sets it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, self.skinny)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard=None, name: str = "") -> None:
         raise NotImplementedError
@@ -168,10 +179,7 @@ class RowParallelLinear(LinearBase):
         self.skinny = skinny
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skinny and skinny_fits(x, SKINNY_MAX_TOKENS):
-            y = skinny_linear_op(x, self.weight)
-        else:
-            y = F.linear(x, self.weight)
+        y = linear(x, self.weight, self.skinny)
         return all_reduce(y) if self.reduce else y
 
     def weight_loader(self, param, loaded, shard=None, name=""):

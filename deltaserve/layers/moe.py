@@ -15,12 +15,11 @@ all-reduce the block already ends with.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deltaserve.distributed import all_reduce, divide, tp_rank, tp_size
 from deltaserve.layers.layer_ref import CompileOp
-from deltaserve.layers.linear import ReplicatedLinear, check_shape
+from deltaserve.layers.linear import ReplicatedLinear, check_shape, linear
 from deltaserve.layers.mlp import SwiGLU
 from deltaserve.models.config import ModelConfig
 
@@ -77,6 +76,10 @@ class Experts(nn.Module):
 
 
 ROUTERS = ("kernel", "gemm")
+# The router GEMM ([E + 1, H], 1 MB on the 35B-A3B shape) by cuBLAS: 3.0 us at one token but 7.6-7.9 at
+# 4-16 (a poor kernel choice for 257 rows); the split-K skinny GEMM: 4.1-4.2 at all of them (H200,
+# docs/perf/2026-11-28e.md). So with skinny_router the skinny GEMM takes 2 tokens and up.
+ROUTER_SKINNY_MIN_TOKENS = 2
 
 
 class SparseMoE(nn.Module):
@@ -92,6 +95,8 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = ReplicatedLinear(H, 1)
         self.router = "kernel"
         self.router_weight: torch.Tensor | None = None  # [E (+1), H], only for router="gemm"
+        # router="gemm" at ROUTER_SKINNY_MIN_TOKENS..SKINNY_MAX_TOKENS tokens on our skinny GEMM (split-K)
+        self.skinny_router = False
 
     def set_router(self, impl: str) -> None:
         """``kernel``: the fused router launch (``ops/moe_router.moe_router``). ``gemm``: one GEMM over
@@ -105,7 +110,8 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.router == "gemm":
-            weights, ids = moe_route_logits_op(F.linear(x, self.router_weight), self.top_k,
+            skinny = self.skinny_router and x.shape[0] >= ROUTER_SKINNY_MIN_TOKENS
+            weights, ids = moe_route_logits_op(linear(x, self.router_weight, skinny), self.top_k,
                                                                  self.renormalize, self.fold_shared)
         else:
             shared_gate = self.shared_expert_gate.weight if self.fold_shared else None

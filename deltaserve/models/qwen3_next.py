@@ -128,13 +128,19 @@ class Qwen3NextForCausalLM(nn.Module):
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.set_router(impl)
 
-    def set_skinny_out_proj(self, on: bool, down_proj: bool = False) -> None:
-        """The GDN out_proj and attention o_proj (and, with ``down_proj``, the dense MLP's down_proj) at
-        <= SKINNY_MAX_TOKENS tokens: our split-K skinny GEMM (on) or cuBLAS (off)."""
+    def set_skinny(self, out_proj: bool, dense: bool = False) -> None:
+        """Which projections run few-token batches (<= SKINNY_MAX_TOKENS) on our skinny GEMM instead of
+        cuBLAS: ``out_proj`` the GDN out_proj and attention o_proj; ``dense`` the dense MLPs' gate_up and
+        down_proj, the attention qkv_proj and the MoE router GEMM (see ``SparseMoE.skinny_router``)."""
         for layer in self.model.layers:
-            (layer.linear_attn.out_proj if layer.is_gdn else layer.self_attn.o_proj).skinny = on
-            if isinstance(layer.mlp, SwiGLU):
-                layer.mlp.down_proj.skinny = down_proj
+            (layer.linear_attn.out_proj if layer.is_gdn else layer.self_attn.o_proj).skinny = out_proj
+            if not layer.is_gdn:
+                layer.self_attn.qkv_proj.skinny = dense
+            for mlp in layer.mlp.modules():
+                if isinstance(mlp, SwiGLU):  # the dense MLP, or an MoE block's unfolded shared expert
+                    mlp.gate_up_proj.skinny = mlp.down_proj.skinny = dense
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.skinny_router = dense
 
     def gdn_layers(self) -> list[GatedDeltaNet]:
         return [layer.linear_attn for layer in self.model.layers if layer.is_gdn]

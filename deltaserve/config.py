@@ -51,9 +51,9 @@ class EngineConfig:
                      choices=list(STRATEGIES))
     skinny_out_proj: bool = _f(True, "The GDN out_proj and attention o_proj at <= 16 tokens on CUDA by our split-K "
                                      "skinny GEMM instead of cuBLAS.")
-    skinny_dense: bool = _f(False, "Also the dense MLP (gate_up, down_proj), the attention qkv_proj and the MoE "
-                                   "router GEMM at <= 16 tokens on CUDA by our skinny GEMM instead of cuBLAS "
-                                   "(being measured: off by default).")
+    skinny_dense: bool = _f(True, "Also the dense MLP (gate_up, down_proj) and the MoE router GEMM (2-16 tokens) "
+                                  "at <= 16 tokens on CUDA by our skinny GEMM instead of cuBLAS: 9B decode 5% "
+                                  "faster at N = 1 and 4 (H200).")
     moe_router: str = _f("gemm", "MoE router on the GPU: gemm (a cuBLAS GEMM for the logits, then a top-k "
                                  "launch; logits rounded to the model dtype as in transformers; the faster one "
                                  "measured) or kernel (one fused launch: gate GEMV, softmax, top-k, shared-expert "

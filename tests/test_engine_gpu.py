@@ -220,8 +220,8 @@ def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
 def test_skinny_dense_matches_cublas(tmp_path, kind):
-    """``--skinny-dense`` (dense MLP, attention qkv_proj, MoE router GEMM on the skinny GEMM) computes what
-    cuBLAS computes: fp32, decode graphs at 1..4 sequences, the same tokens and logprobs within 1e-3."""
+    """``--skinny-dense`` (the dense MLP and the MoE router GEMM on the skinny GEMM) computes what cuBLAS
+    computes: fp32, decode graphs at 1..4 sequences, the same tokens and logprobs within 1e-3."""
     d = _tiny_or_hf(tmp_path, kind, "float32", seed=9)
     rng = random.Random(9)
     prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]

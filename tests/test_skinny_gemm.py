@@ -52,7 +52,7 @@ def test_split_k_matches_linear_and_leaves_counters_zero(kernel_device, split_k,
 
 def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     """The decoder wiring of the skinny GEMM: a tiny fp32 model whose GDN in_proj is ``fused_gemv`` and
-    whose out_proj / o_proj / dense down_proj take the split-K path (the kernels under the interpreter on the CPU) equals
+    whose out_proj / o_proj / dense MLP take the skinny path (the kernels under the interpreter on the CPU) equals
     the same model on cuBLAS-equivalent F.linear, through a prefill (too many tokens for the out_proj
     path: 17 > 16) and decode steps (one token: every skinny path)."""
     from model_utils import Runner
@@ -91,13 +91,11 @@ def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     in_rows = layers[0].linear_attn.in_proj.weight.shape[0]
     assert [c for c in calls if c[1] == in_rows] == [(17, in_rows)] * n_gdn \
         + [(1, in_rows)] * n_gdn * 2  # fused_gemv up to 64 tokens
-    # The rest only at the decode steps (prefill: 17 > 16 tokens): per layer out_proj / o_proj, per
-    # attention layer qkv_proj, per dense MLP gate_up and down_proj (with dense=True).
+    # The rest only at the decode steps (prefill: 17 > 16 tokens): per layer out_proj / o_proj, per dense
+    # MLP gate_up and down_proj (with dense=True); never the attention qkv_proj (cuBLAS is faster there).
     per_step = Counter()
     for layer in layers:
         per_step[layer.linear_attn.out_proj.weight.shape[0] if layer.is_gdn else layer.self_attn.o_proj.weight.shape[0]] += 1
-        if not layer.is_gdn:
-            per_step[layer.self_attn.qkv_proj.weight.shape[0]] += 1
         if isinstance(layer.mlp, SwiGLU):
             per_step[layer.mlp.gate_up_proj.weight.shape[0]] += 1
             per_step[layer.mlp.down_proj.weight.shape[0]] += 1

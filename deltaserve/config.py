@@ -62,6 +62,9 @@ class EngineConfig:
     pdl: bool | None = _f(None, "Programmatic dependent launch for deltaserve's Triton kernels: each kernel's launch "
                                 "overlaps the previous kernel's execution (2-4% faster decode, H200). Default: on "
                                 "where it can run (CUDA, compute capability >= 9.0, not Triton's interpreter).")
+    skinny_prefetch: int = _f(0, "With PDL: the skinny GEMM prefetches the first N columns of its weight rows into L2 "
+                                 "before waiting on the previous kernel (0: off; a power of two, 64-4096). Not yet "
+                                 "measured: off by default.")
     enforce_eager: bool = _f(False, "Never use CUDA graphs.")
     compile: bool = _f(False, "torch.compile each decoder layer (regional compilation).")
     layer_arg: str = _f("auto", "How custom ops name their layer: opaque (one compiled graph shared by all layers "
@@ -122,6 +125,11 @@ class EngineConfig:
         if self.pdl is None:
             self.pdl = why is None
         self._check(not self.pdl or why is None, "pdl", self.pdl, why)
+        p = self.skinny_prefetch
+        self._check(p == 0 or (p & (p - 1) == 0 and 64 <= p <= 4096), "skinny_prefetch", p,
+                    "use 0 (off) or a power of two from 64 to 4096")
+        self._check(p == 0 or self.pdl, "skinny_prefetch", p,
+                    "the prefetch runs before the PDL wait: it needs PDL (a Hopper GPU, without --no-pdl)")
 
     @staticmethod
     def _check(ok: bool, name: str, value: Any, fix: str) -> None:
@@ -164,7 +172,8 @@ class EngineConfig:
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
-            meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+            meta, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
+            meta["help"] = meta["help"].replace("%", "%%")  # argparse %-formats help strings
             if meta.get("positional"):
                 parser.add_argument(f.name, nargs="?", default=f.default, help=meta["help"])
             elif f.type in ("bool", bool, "bool | None"):

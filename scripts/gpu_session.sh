@@ -41,10 +41,20 @@ for stage in "$@"; do
                    tests/test_skinny_gemm.py ;;
     engine-hf) run engine-hf python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                  -k transformers ;;
-    gpu-next) # the GPU tests of what changed since the last device session (the split-K out_proj inside the
-              # engine's CUDA graphs: the whole engine file; the shared arrival counters: the router's graph test)
+    gpu-next) # the GPU tests of what changed since the last device session: the L2 weight prefetch before the
+              # PDL wait (kernel bits, engine tokens and logprobs)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
-        tests/test_fused_moe_gpu.py::test_router_and_folded_moe_replay_in_a_cuda_graph tests/test_engine_gpu.py ;;
+        tests/test_engine_gpu.py -k "prefetch or launch_options" ;;
+    prefetch-ab) # --skinny-prefetch 0 and 512 (and 2048), interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
+      for preset in qwen3.5-35b-a3b qwen3.5-9b; do
+        for rep in 1 2; do
+          for cols in 0 512 2048; do
+            run "prefetch-ab-$preset-$rep-$cols" python3 -m deltaserve.cli bench offline --preset "$preset" \
+              $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --skinny-prefetch "$cols" \
+              --batch 1,4,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/prefetch-ab-$preset-$rep-$cols.json"
+          done
+        done
+      done ;;
     pdl-ab) # programmatic dependent launch off and on, interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
       for rep in 1 2; do
         for flag in --no-pdl --pdl; do

@@ -163,10 +163,10 @@ def _tiny_or_hf(tmp_path, kind: str, dtype: str, seed: int):
     return tmp_path
 
 
-def _off_and_on(d, dtype: str, option: str, run, check=None) -> dict:
-    """``run(llm)`` under an engine with ``option`` False, then True (one engine at a time)."""
+def _off_and_on(d, dtype: str, option: str, run, check=None, values=(False, True)) -> dict:
+    """``run(llm)`` under an engine with ``option`` at each of ``values`` (one engine at a time)."""
     outs = {}
-    for on in (False, True):
+    for on in values:
         llm = LLM(str(d), dtype=dtype, max_num_seqs=4, gpu_memory_utilization=0.3, **{option: on})
         if check:
             check(llm, on)
@@ -197,9 +197,11 @@ def test_prefill_graphs_equal_eager_prefill(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
-def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
-    """``--pdl`` changes when kernels launch, not what they compute: bf16, every kernel (MoE included),
-    prefill and decode graphs plus eager steps, the same tokens and logprobs as without it."""
+@pytest.mark.parametrize("option,off,on", [("pdl", False, True), ("skinny_prefetch", 0, 512)])
+def test_launch_options_give_the_same_tokens_and_logprobs(tmp_path, kind, option, off, on):
+    """``--pdl`` changes when kernels launch, and ``--skinny-prefetch`` adds L2 prefetch hints before the
+    PDL wait; neither changes what is computed: bf16, every kernel (MoE included), prefill and decode
+    graphs plus eager steps, the same tokens and bit-identical logprobs."""
     from deltaserve.ops import pdl
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -208,12 +210,13 @@ def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
     rng = random.Random(5)
     prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
-    def check(llm, on):
-        assert pdl.enabled() == on
+
+    def check(llm, value):
+        assert (pdl.enabled(), pdl.prefetch_columns()) == ((value, 0) if option == "pdl" else (True, value))
 
     # 6 prompts over 4 slots: batched, graph and eager steps
-    outs = _off_and_on(d, "bfloat16", "pdl", lambda llm: llm.generate(prompts, params), check)
-    for a, b in zip(outs[False], outs[True]):
+    outs = _off_and_on(d, "bfloat16", option, lambda llm: llm.generate(prompts, params), check, values=(off, on))
+    for a, b in zip(outs[off], outs[on]):
         assert b.token_ids == a.token_ids
         assert [x["logprob"] for x in b.logprobs] == [x["logprob"] for x in a.logprobs]
 
@@ -231,3 +234,4 @@ def test_skinny_dense_matches_cublas(tmp_path, kind):
         assert b.token_ids == a.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
             assert abs(x["logprob"] - y["logprob"]) < 1e-3
+

@@ -169,6 +169,27 @@ def test_pdl_defaults_to_where_it_can_run_and_is_refused_elsewhere():
     assert "pdl" not in EngineConfig(device="cpu").non_defaults()
 
 
+def test_skinny_prefetch_needs_pdl_and_a_power_of_two():
+    """``--skinny-prefetch N``: refused without PDL (it runs before the PDL wait) and for sizes the kernel
+    cannot tile; without PDL the kernels see 0 whatever was asked."""
+    from deltaserve.config import ConfigError, EngineConfig
+    from deltaserve.ops import pdl
+
+    assert EngineConfig(device="cpu").skinny_prefetch == 0
+    with pytest.raises(ConfigError, match="skinny_prefetch=512 is invalid: .*needs PDL"):
+        EngineConfig(device="cpu", skinny_prefetch=512)
+    for bad in (100, 32, 8192, -64):
+        with pytest.raises(ConfigError, match=f"skinny_prefetch={bad} is invalid: use 0 .*power of two"):
+            EngineConfig(device="cpu", skinny_prefetch=bad)
+    with pytest.raises(ValueError, match="prefetch_columns=96 must be 0 or a power of two"):
+        pdl.enable(False, prefetch_columns=96)
+    try:
+        pdl.enable(False, prefetch_columns=512)
+        assert pdl.prefetch_columns() == 0  # nothing launches early: nothing to overlap
+    finally:
+        pdl.enable(False)
+
+
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():
     from deltaserve.layers.inproj import GEMV_MAX_TOKENS
 
@@ -193,6 +214,30 @@ def test_real_shapes_bf16_on_gpu(M, N, K):
     w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=1) * 0.02
     got, want = skinny_linear(x, w).float(), skinny_linear_ref(x.float(), w.float())
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("columns", [64, 512, 4096])
+@pytest.mark.parametrize("M,N,K", [(1, 12352, 2048), (4, 2048, 4096), (16, 4096, 12288), (3, 17, 200), (1, 257, 2048)])
+def test_prefetch_before_the_pdl_wait_changes_nothing(M, N, K, columns):
+    """The L2 prefetch before ``griddepcontrol.wait`` is a hint: with PDL on, the same bits with and without
+    it, split-K and odd shapes included (lines past a split's K range or N are clamped to valid addresses)."""
+    from deltaserve.ops import pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    x = _rand(M, K, dtype=torch.bfloat16, device="cuda")
+    w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=2) * 0.02
+    try:
+        pdl.enable(True, "cuda")
+        want = skinny_linear(x, w)
+        pdl.enable(True, "cuda", prefetch_columns=columns)
+        got = skinny_linear(x, w)
+    finally:
+        pdl.enable(False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ref = skinny_linear_ref(x.float(), w.float())
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu

@@ -70,9 +70,11 @@ class ModelRunner:
             prepare(self.device)
         from deltaserve.ops import pdl
 
-        pdl.enable(cfg.pdl, self.device if on_gpu else None)  # process-wide, for every launch from here on
+        # process-wide, for every launch from here on
+        pdl.enable(cfg.pdl, self.device if on_gpu else None, cfg.skinny_prefetch)
         if on_gpu:
-            logger.info("programmatic dependent launch %s", "on" if cfg.pdl else "off")
+            logger.info("programmatic dependent launch %s%s", "on" if cfg.pdl else "off",
+                        f", skinny GEMM prefetch {cfg.skinny_prefetch} columns" if cfg.skinny_prefetch else "")
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.ops.arrival import counters
-from deltaserve.ops.pdl import launch_args, pdl_gate
+from deltaserve.ops.pdl import launch_args, pdl_gate, prefetch_columns, prefetch_l2
 
 MAX_M = 64
 
@@ -62,19 +62,24 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
+    LINE: tl.constexpr,
 ):  # fmt: skip
-    pdl_gate(PDL)
     # Program (pid, pid_k): rows [pid * BLOCK_N, +BLOCK_N) of y over K in [pid_k * K_SPLIT, +K_SPLIT).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if PDL and PREFETCH_K > 0:  # launched early: start pulling our weight rows into L2 (one line per LINE columns)
+        offs_pf = k_lo + tl.arange(0, PREFETCH_K // LINE) * LINE
+        pf_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_pf[None, :]
+        prefetch_l2(tl.where(n_ok[:, None] & (offs_pf < k_hi)[None, :], pf_ptrs, w_ptr))
+    pdl_gate(PDL)  # x may come from the previous kernel: nothing but weights before this
+    offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
-    n_ok = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k_lo + offs_k)[None, :]  # [BN, BK], K contiguous
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -135,11 +140,14 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), counters(x.device, n_tiles)
     else:
         ws = cnt = y  # unused
+    line = 128 // w.element_size()  # columns per 128-byte cache line
+    prefetch_k = min(prefetch_columns(), triton.next_power_of_2(k_split))
+    prefetch_k = prefetch_k if prefetch_k >= line else 0
     _skinny_gemm_kernel[(n_tiles, split_k)](
         x, w, y, ws, cnt, M, N, K, k_split, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
-        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
+        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH_K=prefetch_k,
+        LINE=line, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
 

@@ -135,12 +135,15 @@ def test_moe_router_gemm_takes_the_skinny_path_from_two_tokens(monkeypatch, tmp_
 
 
 def test_pick_config_covers_the_shapes_it_was_measured_on():
-    """Wide weights never split K; narrow ones split at decode sizes; every pick is a valid tiling."""
+    """Wide weights never split K; narrow ones split at decode sizes, the router's 257 rows the most;
+    every pick is a valid tiling."""
     for M in (1, 16, 32, 64):
-        for N, K in ((12352, 2048), (12352, 4096), (20608, 3072), (2048, 4096), (4096, 4096)):
+        for N, K in ((12352, 2048), (12352, 4096), (20608, 3072), (2048, 4096), (4096, 4096), (4096, 12288),
+                     (24576, 4096), (257, 2048)):
             cfg = pick_config(M, N, K)
             assert cfg.block_k <= K and K % cfg.block_k == 0
             assert (cfg.split_k == 1) == (N >= 8192)
+    assert pick_config(4, 257, 2048) == GemvConfig(block_n=32, block_k=128, num_stages=3, split_k=8)
 
 
 def test_arrival_counters_are_one_zeroed_buffer_with_a_named_limit(kernel_device):

@@ -50,7 +50,11 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
     (35B-A3B 14.7-15.3 us at M <= 16, 1.22-1.26x the floor; 122B-A10B 31.7 us, 1.05x, where 256-wide K
     steps took 40); 64 rows once the token tile is 32 or 64 rows (35B-A3B M=64: 16.3 us, against 22.4).
     Narrow ones (the out_proj, N = 2048 or 4096) split K four ways at M <= 16 (35B-A3B 8.2 us, cuBLAS 9.7
-    with its split-K reduce; 9B 11.9, cuBLAS 13.4), two ways above."""
+    with its split-K reduce; 9B 11.9, cuBLAS 13.4), two ways above. The MoE router GEMM (N = 257) has so
+    few rows that K splits eight ways over 32-row tiles: 4.1-4.2 us at M <= 16, against 5.6-5.8 with the
+    out_proj tile and 7.6-7.9 for cuBLAS at 4-16 tokens (docs/perf/2026-11-28e.md)."""
+    if N <= 512:
+        return GemvConfig(block_n=32 if M <= 16 else 16, block_k=128, num_stages=3, split_k=8 if M <= 16 else 4)
     if N >= 8192:
         return GemvConfig(block_n=32 if M <= 16 else 64, block_k=128, num_stages=3)
     if M <= 16:

@@ -54,6 +54,9 @@ class EngineConfig:
     skinny_dense: bool = _f(True, "Also the dense MLP (gate_up, down_proj) and the MoE router GEMM (2-16 tokens) "
                                   "at <= 16 tokens on CUDA by our skinny GEMM instead of cuBLAS: 9B decode 5% "
                                   "faster at N = 1 and 4 (H200).")
+    fuse_prologues: bool = _f(False, "Run the op before a skinny GEMM inside it (<= 16 tokens, CUDA): the GDN's gated "
+                                     "RMSNorm in its out_proj, the dense MLP's silu * up in its down_proj (one launch "
+                                     "fewer per layer each). Not yet measured: off by default.")
     moe_router: str = _f("gemm", "MoE router on the GPU: gemm (a cuBLAS GEMM for the logits, then a top-k "
                                  "launch; logits rounded to the model dtype as in transformers; the faster one "
                                  "measured) or kernel (one fused launch: gate GEMV, softmax, top-k, shared-expert "

@@ -30,6 +30,18 @@ run() {  # run STAGE COMMAND...: log, time, never stop the session
   echo "=== $stage rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOGS/summary.txt"
   tail -n ${TAIL:-25} "$LOGS/$stage.log" > "$LOGS/$stage.tail"
 }
+flag_ab() {  # flag_ab NAME FLAG: --no-FLAG and --FLAG interleaved twice, 9B then 35B-A3B (N=1, 4, 16)
+  local name=$1 flag=$2 preset rep f
+  for preset in qwen3.5-9b qwen3.5-35b-a3b; do
+    for rep in 1 2; do
+      for f in "--no-$flag" "--$flag"; do
+        run "$name-$preset-$rep$f" python3 -m deltaserve.cli bench offline --preset "$preset" "$f" \
+          $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --batch 1,4,16 \
+          --output-len 128 --max-num-seqs 16 --output "$LOGS/$name-$preset-$rep$f.json"
+      done
+    done
+  done
+}
 for stage in "$@"; do
   case $stage in
     tests) run tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests ;;
@@ -44,7 +56,8 @@ for stage in "$@"; do
     gpu-next) # the GPU tests of what changed since the last device session: the L2 weight prefetch before the
               # PDL wait (kernel bits, engine tokens and logprobs)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
-        tests/test_engine_gpu.py -k "prefetch or launch_options" ;;
+        tests/test_engine_gpu.py -k "prefetch or launch_options or prologue or gemm_options" ;;
+    fuse-ab) flag_ab fuse-ab fuse-prologues ;;  # the gated norm in out_proj, silu * up in the dense down_proj
     prefetch-ab) # --skinny-prefetch 0 and 512 (and 2048), interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
       for preset in qwen3.5-35b-a3b qwen3.5-9b; do
         for rep in 1 2; do
@@ -77,17 +90,7 @@ for stage in "$@"; do
             --output "$LOGS/router-ab-$rep-$r.json"
         done
       done ;;
-    dense-ab) # --skinny-dense off and on (the dense MLP, attention qkv_proj and MoE router GEMM on the skinny
-              # GEMM), interleaved twice, 9B then 35B-A3B (N=1, 4, 16)
-      for preset in qwen3.5-9b qwen3.5-35b-a3b; do
-        for rep in 1 2; do
-          for flag in --no-skinny-dense --skinny-dense; do
-            run "dense-ab-$preset-$rep$flag" python3 -m deltaserve.cli bench offline --preset "$preset" "$flag" \
-              $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --batch 1,4,16 \
-              --output-len 128 --max-num-seqs 16 --output "$LOGS/dense-ab-$preset-$rep$flag.json"
-          done
-        done
-      done ;;
+    dense-ab) flag_ab dense-ab skinny-dense ;;  # the dense MLP and the MoE router GEMM on the skinny GEMM
     gemv-new) run gemv-new python3 scripts/bench_gemv.py --shapes "MLP,qkv,router" --output "$LOGS/gemv-new.json" ;;
     profile35b-pdl) run profile35b-pdl python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b \
                   ${LAYERS35:+--layers $LAYERS35} --pdl --batch 1 --output "$LOGS/profile35b-pdl.json" ;;

@@ -222,14 +222,16 @@ def test_launch_options_give_the_same_tokens_and_logprobs(tmp_path, kind, option
 
 
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
-def test_skinny_dense_matches_cublas(tmp_path, kind):
-    """``--skinny-dense`` (the dense MLP and the MoE router GEMM on the skinny GEMM) computes what cuBLAS
+@pytest.mark.parametrize("option", ["skinny_dense", "fuse_prologues"])
+def test_gemm_options_match_the_plain_path(tmp_path, kind, option):
+    """``--skinny-dense`` (the dense MLP and the MoE router GEMM on the skinny GEMM instead of cuBLAS) and
+    ``--fuse-prologues`` (the gated norm and silu * up inside the skinny GEMMs) compute what the plain path
     computes: fp32, decode graphs at 1..4 sequences, the same tokens and logprobs within 1e-3."""
     d = _tiny_or_hf(tmp_path, kind, "float32", seed=9)
     rng = random.Random(9)
     prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
-    outs = _off_and_on(d, "float32", "skinny_dense", lambda llm: llm.generate(prompts, params))
+    outs = _off_and_on(d, "float32", option, lambda llm: llm.generate(prompts, params))
     for a, b in zip(outs[False], outs[True]):
         assert b.token_ids == a.token_ids
         for x, y in zip(a.logprobs, b.logprobs):

@@ -29,11 +29,12 @@ SCRIPT = textwrap.dedent(
     from deltaserve.ops.skinny_gemm import _skinny_gemm_kernel
 
     SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
-           "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+           "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
+           "x2_ptr": "*bf16", "stride_x2m": "i32", "nw_ptr": "*bf16", "eps": "fp32"}
     out = []
-    for pdl, prefetch, split in json.loads(sys.argv[1]):
+    for pdl, prefetch, split, prologue in json.loads(sys.argv[1]):
         consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "EVEN_K": True, "SPLIT_K": split,
-                  "PRECISION": "tf32", "PDL": pdl, "PREFETCH_K": prefetch, "LINE": 64}
+                  "PRECISION": "tf32", "PDL": pdl, "PREFETCH_K": prefetch, "LINE": 64, "PROLOGUE": prologue}
         src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
                         constexprs=consts)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _compiled_ops(variants: list[tuple[bool, int, int]]) -> list[list[str]]:
+def _compiled_ops(variants: list[tuple[bool, int, int, int]]) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(variants)], capture_output=True, text=True, env=env,
                        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,11 +55,14 @@ def _compiled_ops(variants: list[tuple[bool, int, int]]) -> list[list[str]]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_skinny_gemm_pdl_and_prefetch_variants_compile_for_sm90_in_the_right_order():
-    variants = [(False, 0, 1), (True, 0, 1), (True, 512, 1), (True, 512, 4)]
-    plain, pdl, prefetch, prefetch_split = _compiled_ops(variants)
+def test_skinny_gemm_pdl_prefetch_and_prologue_variants_compile_for_sm90_in_the_right_order():
+    # (PDL, prefetch columns, split-K, prologue: 0 none, 1 silu * up, 2 gated RMSNorm)
+    variants = [(False, 0, 1, 0), (True, 0, 1, 0), (True, 512, 1, 0), (True, 512, 4, 0), (True, 512, 4, 1),
+                (True, 512, 1, 2)]
+    plain, pdl, prefetch, prefetch_split, silu_mul, gated_norm = _compiled_ops(variants)
     assert not any(o.startswith(("griddepcontrol", "prefetch")) for o in plain)
-    for ops, wants_prefetch in ((pdl, False), (prefetch, True), (prefetch_split, True)):
+    for ops, wants_prefetch in ((pdl, False), (prefetch, True), (prefetch_split, True), (silu_mul, True),
+                                (gated_norm, True)):
         wait = ops.index("griddepcontrol.wait")
         assert ops[wait + 1] == "griddepcontrol.launch_dependents"
         before = ops[:wait]

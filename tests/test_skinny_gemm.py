@@ -8,7 +8,17 @@ from collections import Counter
 import pytest
 import torch
 
-from deltaserve.ops.skinny_gemm import MAX_M, GemvConfig, pick_config, skinny_linear, skinny_linear_ref
+from deltaserve.ops.skinny_gemm import (
+    MAX_M,
+    GemvConfig,
+    pick_config,
+    skinny_gated_norm_linear,
+    skinny_gated_norm_linear_ref,
+    skinny_linear,
+    skinny_linear_ref,
+    skinny_silu_mul_linear,
+    skinny_silu_mul_linear_ref,
+)
 
 pytest.importorskip("triton")
 
@@ -34,6 +44,42 @@ def test_half_precision_and_row_strided_input(kernel_device):
     w = _rand(72, 192, dtype=dtype, device=kernel_device, seed=1)
     got = skinny_linear(x, w, GemvConfig(block_n=32, block_k=64))
     torch.testing.assert_close(got.float(), skinny_linear_ref(x.float(), w.float()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("M,N,I", [(1, 40, 64), (5, 37, 300), (17, 130, 256)])
+def test_silu_mul_prologue_matches_the_two_ops(kernel_device, split_k, M, N, I):
+    """The dense MLP's ``silu(gate) * up`` inside the down_proj GEMM equals the two ops (fp32)."""
+    gate_up = _rand(M, 2 * I, dtype=torch.float32, device=kernel_device)
+    w = _rand(N, I, dtype=torch.float32, device=kernel_device, seed=1)
+    got = skinny_silu_mul_linear(gate_up, w, GemvConfig(block_n=16, block_k=64, split_k=split_k))
+    torch.testing.assert_close(got, skinny_silu_mul_linear_ref(gate_up, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("M,N,heads,D", [(1, 40, 4, 32), (5, 37, 3, 64), (17, 130, 2, 128)])
+def test_gated_norm_prologue_matches_the_two_ops(kernel_device, split_k, M, N, heads, D):
+    """The GDN's per-head RMSNormGated inside the out_proj GEMM equals norm then GEMM (fp32), with z a
+    column slice of a wider tensor (as it is of the in_proj output)."""
+    V = heads * D
+    o = _rand(M, V, dtype=torch.float32, device=kernel_device)
+    z = _rand(M, V + 24, dtype=torch.float32, device=kernel_device, seed=2)[:, 24:]
+    nw = 1 + 0.1 * _rand(D, dtype=torch.float32, device=kernel_device, seed=3)
+    w = _rand(N, V, dtype=torch.float32, device=kernel_device, seed=1)
+    got = skinny_gated_norm_linear(o, z, nw, 1e-6, w, GemvConfig(block_n=16, split_k=split_k))
+    torch.testing.assert_close(got, skinny_gated_norm_linear_ref(o, z, nw, 1e-6, w), rtol=1e-5, atol=1e-4)
+
+
+def test_prologue_bad_input_names_the_problem(kernel_device):
+    w = torch.zeros(8, 96, device=kernel_device)
+    with pytest.raises(ValueError, match=r"gate_up must be \[M, 2I\]"):
+        skinny_silu_mul_linear(torch.zeros(2, 191, device=kernel_device), w)
+    o = torch.zeros(2, 96, device=kernel_device)
+    with pytest.raises(ValueError, match="head dim 48 must be a power of two"):
+        skinny_gated_norm_linear(o, o, torch.ones(48, device=kernel_device), 1e-6, w)
+    with pytest.raises(ValueError, match="z must match o"):
+        skinny_gated_norm_linear(o, torch.zeros(2, 64, device=kernel_device), torch.ones(32, device=kernel_device),
+                                 1e-6, w)
 
 
 @pytest.mark.parametrize("split_k", [2, 3, 8])
@@ -101,6 +147,44 @@ def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
             per_step[layer.mlp.down_proj.weight.shape[0]] += 1
     assert any(isinstance(layer.mlp, SwiGLU) for layer in layers) and not all(layer.is_gdn for layer in layers)
     assert Counter(c for c in calls if c[1] != in_rows) == Counter({(1, n): 2 * k for n, k in per_step.items()})
+
+
+def test_model_with_fused_prologues(monkeypatch, tmp_path):
+    """``fuse_prologues``: the GDN's gated norm runs inside out_proj's GEMM and the dense MLP's silu * up
+    inside down_proj's (the kernels under the interpreter), at decode only; the logits equal the unfused
+    model's through a prefill (17 tokens: no skinny path) and two decode steps."""
+    from model_utils import Runner
+
+    import deltaserve.layers.gdn as gdn
+    import deltaserve.layers.linear as linear
+    import deltaserve.layers.mlp as mlp
+    from deltaserve.layers.mlp import SwiGLU
+    from deltaserve.models.loader import load_model
+    from deltaserve.models.make_model import make_model
+
+    as_if_cuda = lambda x, n: 0 < x.shape[0] <= n  # noqa: E731
+    for module in (linear, mlp, gdn):
+        monkeypatch.setattr(module, "skinny_fits", as_if_cuda)
+    calls = []
+    for name in ("skinny_silu_mul_linear_op", "skinny_gated_norm_linear_op"):
+        op = getattr(linear, name)
+        monkeypatch.setattr(op, "fn", lambda *a, _real=op.fn, _name=name: calls.append((_name, a[0].shape[0]))
+                            or _real(*a))
+    d = make_model("tiny", tmp_path, dtype="float32", seed=6)
+    runs = {}
+    for fuse in (False, True):
+        model = load_model(d, dtype=torch.float32)
+        model.set_skinny(True, dense=True, fuse=fuse)
+        runner = Runner(model)
+        seq, logits = runner.prefill(list(range(3, 20)))
+        runs[fuse] = [logits] + [runner.step([(seq, [t])]) for t in (21, 22)]
+    for got, want in zip(runs[True], runs[False]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    layers = model.model.layers
+    n_gdn, n_dense = sum(layer.is_gdn for layer in layers), sum(isinstance(layer.mlp, SwiGLU) for layer in layers)
+    assert n_gdn and n_dense
+    assert Counter(calls) == Counter({("skinny_gated_norm_linear_op", 1): 2 * n_gdn,
+                                      ("skinny_silu_mul_linear_op", 1): 2 * n_dense})
 
 
 def test_moe_router_gemm_takes_the_skinny_path_from_two_tokens(monkeypatch, tmp_path):
@@ -241,6 +325,31 @@ def test_prefetch_before_the_pdl_wait_changes_nothing(M, N, K, columns):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     ref = skinny_linear_ref(x.float(), w.float())
     assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("what", ["silu_mul 9B", "gated_norm 35B-A3B", "gated_norm 9B"])
+def test_prologues_give_the_bits_of_the_separate_kernels_bf16(M, what):
+    """bf16 at real shapes: the fused prologue feeds the dot what the separate norm / activation kernel
+    would have stored. silu * up is elementwise: bit for bit. The norm's sum of squares is reduced over a
+    2-D tile instead of a row, so its last bit may differ: within 1e-3 of the separate path."""
+    from deltaserve.ops.norms import rms_norm_gated, silu_and_mul
+
+    bf = dict(dtype=torch.bfloat16, device="cuda")
+    if what == "silu_mul 9B":
+        gate_up, w = _rand(M, 2 * 12288, **bf), _rand(4096, 12288, **bf, seed=1) * 0.02
+        got, want = skinny_silu_mul_linear(gate_up, w), skinny_linear(silu_and_mul(gate_up), w)
+    else:
+        heads, D, H = (32, 128, 2048) if "35B" in what else (32, 128, 4096)
+        o = _rand(M, heads * D, **bf)
+        z = _rand(M, heads * D + 8192, **bf, seed=2)[:, 8192:]  # a slice of the in_proj output, like the layer's
+        nw, w = 1 + 0.1 * _rand(D, **bf, seed=3), _rand(H, heads * D, **bf, seed=1) * 0.02
+        got = skinny_gated_norm_linear(o, z, nw, 1e-6, w)
+        want = skinny_linear(rms_norm_gated(o.view(M, heads, D), z.reshape(M, heads, D), nw, 1e-6).view(M, -1), w)
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-3
+        return
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

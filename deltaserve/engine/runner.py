@@ -63,7 +63,7 @@ class ModelRunner:
         with layer_arg_mode(cfg.layer_arg):
             self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
         self.model.set_moe_router(cfg.moe_router)
-        self.model.set_skinny(cfg.skinny_out_proj, cfg.skinny_dense)
+        self.model.set_skinny(cfg.skinny_out_proj, cfg.skinny_dense, cfg.fuse_prologues)
         if on_gpu:  # the split kernels' arrival counters, made before any CUDA-graph capture
             from deltaserve.ops.arrival import prepare
 

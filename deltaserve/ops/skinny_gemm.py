@@ -10,6 +10,12 @@ at 64 rows a bf16 weight byte still feeds only 64 FLOPs, far below the tensor co
 A narrow weight (the 2048-row out_proj) has too few row tiles to fill the card, so K is split too
 (``split_k``): the partials meet in an fp32 workspace and the last program of each tile sums them.
 
+Two variants feed the same loop. :func:`skinny_silu_mul_linear` and :func:`skinny_gated_norm_linear` apply
+the op that precedes the GEMM in the model (the dense MLP's silu * up, the GDN's per-head gated RMSNorm)
+to each x tile before its dot, so that op needs no launch of its own. With programmatic dependent launch
+and ``--skinny-prefetch``, a program asks for its first weight columns to be brought into L2 before it
+waits for the previous kernel (``ops/pdl.py``).
+
 fp32 inputs use IEEE dots (exact enough for the fp32 parity tests); bf16/fp16 accumulate in fp32 and
 round once on the store. :func:`skinny_linear_ref` is the reference (``torch.nn.functional.linear``).
 """

@@ -266,11 +266,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.paired:
             trials = asyncio.run(run_paired(flags, args, out_dir))
-        for trial in range(1, args.trials + 1) if not args.paired else ():
-            for side in SIDES if trial % 2 else SIDES[::-1]:
-                print(f"trial {trial}, {side}: deltaserve serve {args.model} {shlex.join(flags[side])}",
-                      file=sys.stderr)
-                trials.append(asyncio.run(run_trial(side, trial, flags[side], args, out_dir)))
+        else:
+            for trial in range(1, args.trials + 1):
+                for side in SIDES if trial % 2 else SIDES[::-1]:
+                    print(f"trial {trial}, {side}: deltaserve serve {args.model} {shlex.join(flags[side])}",
+                          file=sys.stderr)
+                    trials.append(asyncio.run(run_trial(side, trial, flags[side], args, out_dir)))
     except (ServerError, ValueError, aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         write_json(out_dir / "ab.json", {"error": str(e), "args": vars_of(args), "trials": trials})

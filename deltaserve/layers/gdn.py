@@ -10,18 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltaserve.distributed import all_reduce, divide, tp_rank, tp_size
+from deltaserve.distributed import divide, tp_rank, tp_size
 from deltaserve.forward_context import get_batch
 from deltaserve.layers.inproj import InProjPlan, project
 from deltaserve.layers.layer_ref import LayerRef, define_layer_op, layer_arg, layer_op
 from deltaserve.layers.linear import (
-    SKINNY_MAX_TOKENS,
     MergedColumnParallelLinear,
     RowParallelLinear,
     check_shape,
     copy_checked,
     rank_rows,
-    skinny_fits,
     skinny_gated_norm_linear_op,
 )
 from deltaserve.layers.norm import RMSNormGated
@@ -82,10 +80,9 @@ class GatedDeltaNet(nn.Module):
         b, a = ba[:, : self.num_v_heads], ba[:, self.num_v_heads :]  # [T, Hv] each
         o = layer_op("gdn_core", self.layer)(mixed_qkv, b, a, self.layer)  # [T, Hv, Dv]
         out = self.out_proj
-        if self.fuse_norm and out.skinny and skinny_fits(o, SKINNY_MAX_TOKENS):  # the norm in out_proj's GEMM
-            y = skinny_gated_norm_linear_op(o.reshape(T, self.value_dim), z, self.norm.weight, self.norm.eps,
-                                            out.weight)
-            return all_reduce(y) if out.reduce else y
+        if self.fuse_norm and out.takes_skinny(o):  # the norm inside out_proj's GEMM
+            return out.reduced(skinny_gated_norm_linear_op(o.reshape(T, self.value_dim), z, self.norm.weight,
+                                                           self.norm.eps, out.weight))
         o = self.norm(o, z.reshape(T, self.num_v_heads, self.head_v_dim))
         return out(o.reshape(T, self.value_dim))
 

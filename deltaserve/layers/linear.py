@@ -209,7 +209,14 @@ class RowParallelLinear(LinearBase):
         self.skinny = skinny
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.skinny)
+        return self.reduced(linear(x, self.weight, self.skinny))
+
+    def takes_skinny(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` (or the input a fused prologue turns into it) goes through our skinny GEMM."""
+        return self.skinny and skinny_fits(x, SKINNY_MAX_TOKENS)
+
+    def reduced(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product summed over the ranks (unless the caller reduces later)."""
         return all_reduce(y) if self.reduce else y
 
     def weight_loader(self, param, loaded, shard=None, name=""):

@@ -5,15 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltaserve.distributed import all_reduce
 from deltaserve.layers.layer_ref import CompileOp
-from deltaserve.layers.linear import (
-    SKINNY_MAX_TOKENS,
-    MergedColumnParallelLinear,
-    RowParallelLinear,
-    skinny_fits,
-    skinny_silu_mul_linear_op,
-)
+from deltaserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear, skinny_silu_mul_linear_op
 from deltaserve.ops.norms import silu_and_mul
 
 
@@ -30,9 +23,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         down = self.down_proj
-        if self.fuse_activation and down.skinny and skinny_fits(gate_up, SKINNY_MAX_TOKENS):
-            y = skinny_silu_mul_linear_op(gate_up, down.weight)
-            return all_reduce(y) if down.reduce else y
+        if self.fuse_activation and down.takes_skinny(gate_up):
+            return down.reduced(skinny_silu_mul_linear_op(gate_up, down.weight))
         return down(_silu_and_mul(gate_up))
 
 

@@ -91,6 +91,9 @@ for stage in "$@"; do
         done
       done ;;
     dense-ab) flag_ab dense-ab skinny-dense ;;  # the dense MLP and the MoE router GEMM on the skinny GEMM
+    gemv-prologues) run gemv-prologues python3 scripts/bench_gemv.py --prologues --m 1,4,16 --output "$LOGS/gemv-prologues.json" ;;
+    offline9b-x3) for rep in 1 2 3; do run "offline9b-$rep" python3 -m deltaserve.cli bench offline --preset qwen3.5-9b \
+                    --batch 1,2,4,8,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/offline9b-$rep.json"; done ;;
     gemv-new) run gemv-new python3 scripts/bench_gemv.py --shapes "MLP,qkv,router" --output "$LOGS/gemv-new.json" ;;
     profile35b-pdl) run profile35b-pdl python3 -m deltaserve.cli bench profile --preset qwen3.5-35b-a3b \
                   ${LAYERS35:+--layers $LAYERS35} --pdl --batch 1 --output "$LOGS/profile35b-pdl.json" ;;
@@ -147,7 +150,7 @@ for stage in "$@"; do
         --no-weights --out /tmp/m35paired
       serve="--load-format dummy --max-num-seqs 16 --gpu-memory-utilization 0.45"
       run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35paired --paired --a "$serve --inproj ${stage#ab-paired-}" \
-        --b "$serve --inproj fused" --trials ${TRIALS:-8} --concurrency 1,2,4,8,16 --max-tokens ${AB_TOKENS:-256} \
+        --b "$serve --inproj fused" --trials ${TRIALS:-8} --concurrency ${AB_CONC:-1,2,4,8,16} --max-tokens ${AB_TOKENS:-256} \
         --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 3 --equiv-max-tokens 128 \
         --output "$LOGS/$stage" ;;
     engine-new) run engine-new python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \

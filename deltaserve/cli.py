@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from deltaserve.errors import DeltaServeError
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
@@ -76,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except DeltaServeError as e:  # a bad option, model or input: the message names it and the fix
+        logging.getLogger("deltaserve").debug("traceback", exc_info=True)
+        print(f"deltaserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

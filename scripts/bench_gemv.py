@@ -22,6 +22,7 @@ import triton
 
 from deltaserve.bench.roofline import measure_copy_bandwidth
 from deltaserve.layers.inproj_tune import time_graph
+from deltaserve.ops import pdl
 from deltaserve.ops.norms import rms_norm_gated, silu_and_mul
 from deltaserve.ops.skinny_gemm import (
     GemvConfig,
@@ -111,9 +112,13 @@ def main() -> None:
     p.add_argument("--output", default=None)
     p.add_argument("--shapes", default=None, help="only the shapes whose name contains one of these (comma-separated)")
     p.add_argument("--prologues", action="store_true", help="time --fuse-prologues' GEMMs (separate vs fused) only")
+    p.add_argument("--split", action="store_true", help="try the split-K tiles on every shape (default: narrow ones)")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=False,
+                   help="launch the skinny kernels with programmatic dependent launch, as the engine does on Hopper")
     args = p.parse_args()
+    pdl.enable(args.pdl, "cuda")
     bw = measure_copy_bandwidth(torch.device("cuda"))
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; PDL {'on' if args.pdl else 'off'}")
     if args.prologues:
         rows = prologues(bw, [int(v) for v in args.m.split(",")])
         if args.output:
@@ -130,7 +135,7 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cublas = time_us(F.linear, weights, x)
             default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
-            grid = GRID + (SPLIT_GRID if n <= 4096 or k >= 8192 else [])
+            grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else [])
             tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
             best = min(tried, key=tried.get)
             row = {"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,

@@ -175,6 +175,12 @@ for stage in "$@"; do
     skinny) run skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;
+    gemv-inproj) run gemv-inproj python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj" --m 1,16,64 --split --pdl \
+                   --output "$LOGS/gemv-inproj.json" ;;
+    layer-pdl-*|layer-nopdl-*)  # layer-<pdl|nopdl>-<preset>: the in_proj micro-benchmark, our kernels with or without PDL
+      mode=${stage#layer-}; mode=${mode%%-*}; flag=--pdl; [ "$mode" = nopdl ] && flag=--no-pdl
+      run "$stage" python3 -m deltaserve.cli bench layer --preset "${stage#layer-$mode-}" --layers 36 $flag \
+        --output "$LOGS/$stage.json" ;;
     layer35) run layer35 python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$LOGS/layer35.json" ;;
     layer) run layer35 python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 --output "$LOGS/layer35.json"
            run layer122 python3 -m deltaserve.cli bench layer --preset qwen3.5-122b-a10b --layers 36 --output "$LOGS/layer122.json" ;;

@@ -31,3 +31,19 @@ def test_every_help_renders_and_lists_every_engine_option():
                 assert "--" + f.name.replace("_", "-") in text, (path, f.name)
         assert "2-4% faster decode" in " ".join(text.split())  # the % survives, unescaped
     assert {"deltaserve bench ab", "deltaserve bench sweep", "deltaserve make-model"} <= set(seen)
+
+
+def test_a_bad_option_or_model_is_one_line_naming_the_fix_not_a_traceback(capsys, tmp_path):
+    """deltaserve's own errors (a bad option value, a missing model directory) reach the user as one
+    `error:` line with exit status 2, as argparse's do, not as a traceback."""
+    from deltaserve.cli import main
+
+    missing = tmp_path / "no-such-model"
+    assert main(["generate", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"deltaserve generate: error: model '{missing}': no such directory" in err
+    assert "make-model" in err and "Traceback" not in err
+
+    assert main(["generate", "--max-num-seqs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "max_num_seqs=0 is invalid: use a value >= 1" in err and "Traceback" not in err

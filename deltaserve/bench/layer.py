@@ -24,6 +24,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", default="1,2,4,8,16,32,64,256,2048", help="token counts")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--replays", type=int, default=30)
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                   help="programmatic dependent launch for our kernels, as the engine runs them (default: on where "
+                        "the GPU has it, compute capability 9.0+)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
 
 
@@ -48,9 +51,14 @@ def build_layers(preset: str, n: int, dtype: torch.dtype) -> list:
 def main(args: argparse.Namespace) -> int:
     from deltaserve.errors import ConfigError
     from deltaserve.layers.inproj_tune import CONCRETE, GEMV_MAX_TOKENS, time_inproj
+    from deltaserve.ops import pdl
 
     if not torch.cuda.is_available():
         raise ConfigError("bench layer times CUDA graphs and needs a CUDA device; none is visible")
+    why = pdl.unavailable("cuda")
+    if args.pdl and why:
+        raise ConfigError(f"--pdl: {why}")
+    pdl.enable(why is None if args.pdl is None else args.pdl, "cuda")
     dtype = getattr(torch, args.dtype)
     layers = build_layers(args.preset, args.layers, dtype)
     bw = measure_copy_bandwidth("cuda")
@@ -64,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     env = environment()
     print(format_environment(env))
     print(f"preset {args.preset}: in_proj {tuple(w.shape)} {args.dtype}, {args.layers} distinct layers per graph; "
-          f"copy bandwidth {bw / 1e9:.0f} GB/s")
+          f"copy bandwidth {bw / 1e9:.0f} GB/s; PDL {'on' if pdl.enabled() else 'off'}")
     print(f"{'M':>6} {'serial':>8} {'dual':>8} {'fused':>8} {'gemv':>8} {'floor':>7}  best-fused/floor  fused/serial")
     for r in rows:
         gemv = r.get("fused_gemv")
@@ -74,5 +82,6 @@ def main(args: argparse.Namespace) -> int:
               f"{best / r['floor_us']:>16.2f}  {r['fused'] / r['serial']:>12.3f}")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"environment": env, "preset": args.preset, "copy_bandwidth": bw, "results": rows}, f, indent=2)
+            json.dump({"environment": env, "preset": args.preset, "copy_bandwidth": bw, "pdl": pdl.enabled(),
+                       "results": rows}, f, indent=2)
     return 0

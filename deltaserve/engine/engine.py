@@ -14,7 +14,7 @@ from deltaserve.engine.detokenizer import IncrementalDetokenizer
 from deltaserve.engine.request import Request, RequestOutput, Status
 from deltaserve.engine.runner import ModelRunner
 from deltaserve.engine.scheduler import Scheduled, Scheduler
-from deltaserve.errors import InvalidRequestError, PromptTooLongError
+from deltaserve.errors import CheckpointError, InvalidRequestError, PromptTooLongError
 from deltaserve.layers.sampler import SampleResult
 from deltaserve.sampling import SamplingParams
 from deltaserve.tokenizer import Tokenizer
@@ -27,7 +27,12 @@ def resolve_model_dir(model: str | None) -> Path:
         from deltaserve.models.make_model import demo_model_dir
 
         return demo_model_dir()
-    return Path(model)
+    path = Path(model)
+    if not path.is_dir():
+        raise CheckpointError(f"model {model!r}: no such directory. Pass an HF checkpoint directory (config.json, "
+                              "*.safetensors, tokenizer files; `deltaserve make-model` writes one), or leave MODEL "
+                              "out for the built-in demo model (the hub is not used)")
+    return path
 
 
 class LLMEngine:

@@ -54,9 +54,6 @@ class EngineConfig:
     skinny_dense: bool = _f(True, "Also the dense MLP (gate_up, down_proj) and the MoE router GEMM (2-16 tokens) "
                                   "at <= 16 tokens on CUDA by our skinny GEMM instead of cuBLAS: 9B decode 5% "
                                   "faster at N = 1 and 4 (H200).")
-    fuse_prologues: bool = _f(False, "Run the op before a skinny GEMM inside it (<= 16 tokens, CUDA): the GDN's gated "
-                                     "RMSNorm in its out_proj, the dense MLP's silu * up in its down_proj (one launch "
-                                     "fewer per layer each). Not yet measured: off by default.")
     moe_router: str = _f("gemm", "MoE router on the GPU: gemm (a cuBLAS GEMM for the logits, then a top-k "
                                  "launch; logits rounded to the model dtype as in transformers; the faster one "
                                  "measured) or kernel (one fused launch: gate GEMV, softmax, top-k, shared-expert "
@@ -65,9 +62,6 @@ class EngineConfig:
     pdl: bool | None = _f(None, "Programmatic dependent launch for deltaserve's Triton kernels: each kernel's launch "
                                 "overlaps the previous kernel's execution (2-4% faster decode, H200). Default: on "
                                 "where it can run (CUDA, compute capability >= 9.0, not Triton's interpreter).")
-    skinny_prefetch: int = _f(0, "With PDL: the skinny GEMM prefetches the first N columns of its weight rows into L2 "
-                                 "before waiting on the previous kernel (0: off; a power of two, 64-4096). Not yet "
-                                 "measured: off by default.")
     enforce_eager: bool = _f(False, "Never use CUDA graphs.")
     compile: bool = _f(False, "torch.compile each decoder layer (regional compilation).")
     layer_arg: str = _f("auto", "How custom ops name their layer: opaque (one compiled graph shared by all layers "
@@ -128,11 +122,6 @@ class EngineConfig:
         if self.pdl is None:
             self.pdl = why is None
         self._check(not self.pdl or why is None, "pdl", self.pdl, why)
-        p = self.skinny_prefetch
-        self._check(p == 0 or (p & (p - 1) == 0 and 64 <= p <= 4096), "skinny_prefetch", p,
-                    "use 0 (off) or a power of two from 64 to 4096")
-        self._check(p == 0 or self.pdl, "skinny_prefetch", p,
-                    "the prefetch runs before the PDL wait: it needs PDL (a Hopper GPU, without --no-pdl)")
 
     @staticmethod
     def _check(ok: bool, name: str, value: Any, fix: str) -> None:

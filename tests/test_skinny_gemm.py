@@ -8,17 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from deltaserve.ops.skinny_gemm import (
-    MAX_M,
-    GemvConfig,
-    pick_config,
-    skinny_gated_norm_linear,
-    skinny_gated_norm_linear_ref,
-    skinny_linear,
-    skinny_linear_ref,
-    skinny_silu_mul_linear,
-    skinny_silu_mul_linear_ref,
-)
+from deltaserve.ops.skinny_gemm import MAX_M, GemvConfig, pick_config, skinny_linear, skinny_linear_ref
 
 pytest.importorskip("triton")
 
@@ -44,42 +34,6 @@ def test_half_precision_and_row_strided_input(kernel_device):
     w = _rand(72, 192, dtype=dtype, device=kernel_device, seed=1)
     got = skinny_linear(x, w, GemvConfig(block_n=32, block_k=64))
     torch.testing.assert_close(got.float(), skinny_linear_ref(x.float(), w.float()), rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("M,N,I", [(1, 40, 64), (5, 37, 300), (17, 130, 256)])
-def test_silu_mul_prologue_matches_the_two_ops(kernel_device, split_k, M, N, I):
-    """The dense MLP's ``silu(gate) * up`` inside the down_proj GEMM equals the two ops (fp32)."""
-    gate_up = _rand(M, 2 * I, dtype=torch.float32, device=kernel_device)
-    w = _rand(N, I, dtype=torch.float32, device=kernel_device, seed=1)
-    got = skinny_silu_mul_linear(gate_up, w, GemvConfig(block_n=16, block_k=64, split_k=split_k))
-    torch.testing.assert_close(got, skinny_silu_mul_linear_ref(gate_up, w), rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("split_k", [1, 2])
-@pytest.mark.parametrize("M,N,heads,D", [(1, 40, 4, 32), (5, 37, 3, 64), (17, 130, 2, 128)])
-def test_gated_norm_prologue_matches_the_two_ops(kernel_device, split_k, M, N, heads, D):
-    """The GDN's per-head RMSNormGated inside the out_proj GEMM equals norm then GEMM (fp32), with z a
-    column slice of a wider tensor (as it is of the in_proj output)."""
-    V = heads * D
-    o = _rand(M, V, dtype=torch.float32, device=kernel_device)
-    z = _rand(M, V + 24, dtype=torch.float32, device=kernel_device, seed=2)[:, 24:]
-    nw = 1 + 0.1 * _rand(D, dtype=torch.float32, device=kernel_device, seed=3)
-    w = _rand(N, V, dtype=torch.float32, device=kernel_device, seed=1)
-    got = skinny_gated_norm_linear(o, z, nw, 1e-6, w, GemvConfig(block_n=16, split_k=split_k))
-    torch.testing.assert_close(got, skinny_gated_norm_linear_ref(o, z, nw, 1e-6, w), rtol=1e-5, atol=1e-4)
-
-
-def test_prologue_bad_input_names_the_problem(kernel_device):
-    w = torch.zeros(8, 96, device=kernel_device)
-    with pytest.raises(ValueError, match=r"gate_up must be \[M, 2I\]"):
-        skinny_silu_mul_linear(torch.zeros(2, 191, device=kernel_device), w)
-    o = torch.zeros(2, 96, device=kernel_device)
-    with pytest.raises(ValueError, match="head dim 48 must be a power of two"):
-        skinny_gated_norm_linear(o, o, torch.ones(48, device=kernel_device), 1e-6, w)
-    with pytest.raises(ValueError, match="z must match o"):
-        skinny_gated_norm_linear(o, torch.zeros(2, 64, device=kernel_device), torch.ones(32, device=kernel_device),
-                                 1e-6, w)
 
 
 @pytest.mark.parametrize("split_k", [2, 3, 8])
@@ -147,40 +101,6 @@ def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
             per_step[layer.mlp.down_proj.weight.shape[0]] += 1
     assert any(isinstance(layer.mlp, SwiGLU) for layer in layers) and not all(layer.is_gdn for layer in layers)
     assert Counter(c for c in calls if c[1] != in_rows) == Counter({(1, n): 2 * k for n, k in per_step.items()})
-
-
-def test_model_with_fused_prologues(monkeypatch, tmp_path):
-    """``fuse_prologues``: the GDN's gated norm runs inside out_proj's GEMM and the dense MLP's silu * up
-    inside down_proj's (the kernels under the interpreter), at decode only; the logits equal the unfused
-    model's through a prefill (17 tokens: no skinny path) and two decode steps."""
-    from model_utils import Runner
-
-    import deltaserve.layers.linear as linear
-    from deltaserve.layers.mlp import SwiGLU
-    from deltaserve.models.loader import load_model
-    from deltaserve.models.make_model import make_model
-
-    monkeypatch.setattr(linear, "skinny_fits", lambda x, n: 0 < x.shape[0] <= n)  # as if on CUDA
-    calls = []
-    for name in ("skinny_silu_mul_linear_op", "skinny_gated_norm_linear_op"):
-        op = getattr(linear, name)
-        monkeypatch.setattr(op, "fn", lambda *a, _real=op.fn, _name=name: calls.append((_name, a[0].shape[0]))
-                            or _real(*a))
-    d = make_model("tiny", tmp_path, dtype="float32", seed=6)
-    runs = {}
-    for fuse in (False, True):
-        model = load_model(d, dtype=torch.float32)
-        model.set_skinny(True, dense=True, fuse=fuse)
-        runner = Runner(model)
-        seq, logits = runner.prefill(list(range(3, 20)))
-        runs[fuse] = [logits] + [runner.step([(seq, [t])]) for t in (21, 22)]
-    for got, want in zip(runs[True], runs[False]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    layers = model.model.layers
-    n_gdn, n_dense = sum(layer.is_gdn for layer in layers), sum(isinstance(layer.mlp, SwiGLU) for layer in layers)
-    assert n_gdn and n_dense
-    assert Counter(calls) == Counter({("skinny_gated_norm_linear_op", 1): 2 * n_gdn,
-                                      ("skinny_silu_mul_linear_op", 1): 2 * n_dense})
 
 
 def test_moe_router_gemm_takes_the_skinny_path_from_two_tokens(monkeypatch, tmp_path):
@@ -252,27 +172,6 @@ def test_pdl_defaults_to_where_it_can_run_and_is_refused_elsewhere():
     assert "pdl" not in EngineConfig(device="cpu").non_defaults()
 
 
-def test_skinny_prefetch_needs_pdl_and_a_power_of_two():
-    """``--skinny-prefetch N``: refused without PDL (it runs before the PDL wait) and for sizes the kernel
-    cannot tile; without PDL the kernels see 0 whatever was asked."""
-    from deltaserve.config import ConfigError, EngineConfig
-    from deltaserve.ops import pdl
-
-    assert EngineConfig(device="cpu").skinny_prefetch == 0
-    with pytest.raises(ConfigError, match="skinny_prefetch=512 is invalid: .*needs PDL"):
-        EngineConfig(device="cpu", skinny_prefetch=512)
-    for bad in (100, 32, 8192, -64):
-        with pytest.raises(ConfigError, match=f"skinny_prefetch={bad} is invalid: use 0 .*power of two"):
-            EngineConfig(device="cpu", skinny_prefetch=bad)
-    with pytest.raises(ValueError, match="prefetch_columns=96 must be 0 or a power of two"):
-        pdl.enable(False, prefetch_columns=96)
-    try:
-        pdl.enable(False, prefetch_columns=512)
-        assert pdl.prefetch_columns() == 0  # nothing launches early: nothing to overlap
-    finally:
-        pdl.enable(False)
-
-
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():
     from deltaserve.layers.inproj import GEMV_MAX_TOKENS
 
@@ -297,55 +196,6 @@ def test_real_shapes_bf16_on_gpu(M, N, K):
     w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=1) * 0.02
     got, want = skinny_linear(x, w).float(), skinny_linear_ref(x.float(), w.float())
     assert ((got - want).norm() / want.norm()).item() < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("columns", [64, 512, 4096])
-@pytest.mark.parametrize("M,N,K", [(1, 12352, 2048), (4, 2048, 4096), (16, 4096, 12288), (3, 17, 200), (1, 257, 2048)])
-def test_prefetch_before_the_pdl_wait_changes_nothing(M, N, K, columns):
-    """The L2 prefetch before ``griddepcontrol.wait`` is a hint: with PDL on, the same bits with and without
-    it, split-K and odd shapes included (lines past a split's K range or N are clamped to valid addresses)."""
-    from deltaserve.ops import pdl
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs compute capability 9.0")
-    x = _rand(M, K, dtype=torch.bfloat16, device="cuda")
-    w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=2) * 0.02
-    try:
-        pdl.enable(True, "cuda")
-        want = skinny_linear(x, w)
-        pdl.enable(True, "cuda", prefetch_columns=columns)
-        got = skinny_linear(x, w)
-    finally:
-        pdl.enable(False)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    ref = skinny_linear_ref(x.float(), w.float())
-    assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 4, 16])
-@pytest.mark.parametrize("what", ["silu_mul 9B", "gated_norm 35B-A3B", "gated_norm 9B"])
-def test_prologues_give_the_bits_of_the_separate_kernels_bf16(M, what):
-    """bf16 at real shapes: the fused prologue feeds the dot what the separate norm / activation kernel
-    would have stored. silu * up is elementwise: bit for bit. The norm's sum of squares is reduced over a
-    2-D tile instead of a row, so its last bit may differ: within 1e-3 of the separate path."""
-    from deltaserve.ops.norms import rms_norm_gated, silu_and_mul
-
-    bf = dict(dtype=torch.bfloat16, device="cuda")
-    if what == "silu_mul 9B":
-        gate_up, w = _rand(M, 2 * 12288, **bf), _rand(4096, 12288, **bf, seed=1) * 0.02
-        got, want = skinny_silu_mul_linear(gate_up, w), skinny_linear(silu_and_mul(gate_up), w)
-    else:
-        heads, D, H = (32, 128, 2048) if "35B" in what else (32, 128, 4096)
-        o = _rand(M, heads * D, **bf)
-        z = _rand(M, heads * D + 8192, **bf, seed=2)[:, 8192:]  # a slice of the in_proj output, like the layer's
-        nw, w = 1 + 0.1 * _rand(D, **bf, seed=3), _rand(H, heads * D, **bf, seed=1) * 0.02
-        got = skinny_gated_norm_linear(o, z, nw, 1e-6, w)
-        want = skinny_linear(rms_norm_gated(o.view(M, heads, D), z.reshape(M, heads, D), nw, 1e-6).view(M, -1), w)
-        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-3
-        return
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

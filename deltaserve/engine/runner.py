@@ -63,18 +63,16 @@ class ModelRunner:
         with layer_arg_mode(cfg.layer_arg):
             self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
         self.model.set_moe_router(cfg.moe_router)
-        self.model.set_skinny(cfg.skinny_out_proj, cfg.skinny_dense, cfg.fuse_prologues)
+        self.model.set_skinny(cfg.skinny_out_proj, cfg.skinny_dense)
         if on_gpu:  # the split kernels' arrival counters, made before any CUDA-graph capture
             from deltaserve.ops.arrival import prepare
 
             prepare(self.device)
         from deltaserve.ops import pdl
 
-        # process-wide, for every launch from here on
-        pdl.enable(cfg.pdl, self.device if on_gpu else None, cfg.skinny_prefetch)
+        pdl.enable(cfg.pdl, self.device if on_gpu else None)  # process-wide, for every launch from here on
         if on_gpu:
-            logger.info("programmatic dependent launch %s%s", "on" if cfg.pdl else "off",
-                        f", skinny GEMM prefetch {cfg.skinny_prefetch} columns" if cfg.skinny_prefetch else "")
+            logger.info("programmatic dependent launch %s", "on" if cfg.pdl else "off")
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

@@ -20,7 +20,6 @@ from deltaserve.layers.linear import (
     check_shape,
     copy_checked,
     rank_rows,
-    skinny_gated_norm_linear_op,
 )
 from deltaserve.layers.norm import RMSNormGated
 from deltaserve.models.config import ModelConfig
@@ -61,7 +60,6 @@ class GatedDeltaNet(nn.Module):
             p.weight_loader = _head_loader(hv)
         self.norm = RMSNormGated(self.head_v_dim, cfg.rms_norm_eps)
         self.out_proj = RowParallelLinear(cfg.value_dim, H, what="GDN value_dim", skinny=True)
-        self.fuse_norm = False  # with a skinny out_proj: the gated norm inside its GEMM (the model's set_skinny)
         sizes = {"qkvz": self.qkvz_size, "ba": 2 * self.num_v_heads, "v_heads": self.num_v_heads,
                  "v_dim": self.head_v_dim}
         self.layer = layer_arg(self, prefix, sizes)
@@ -79,12 +77,8 @@ class GatedDeltaNet(nn.Module):
         mixed_qkv, z = qkvz[:, : self.conv_dim], qkvz[:, self.conv_dim :]  # [T, conv_dim], [T, v]
         b, a = ba[:, : self.num_v_heads], ba[:, self.num_v_heads :]  # [T, Hv] each
         o = layer_op("gdn_core", self.layer)(mixed_qkv, b, a, self.layer)  # [T, Hv, Dv]
-        out = self.out_proj
-        if self.fuse_norm and out.takes_skinny(o):  # the norm inside out_proj's GEMM
-            return out.reduced(skinny_gated_norm_linear_op(o.reshape(T, self.value_dim), z, self.norm.weight,
-                                                           self.norm.eps, out.weight))
         o = self.norm(o, z.reshape(T, self.num_v_heads, self.head_v_dim))
-        return out(o.reshape(T, self.value_dim))
+        return self.out_proj(o.reshape(T, self.value_dim))
 
     def load_in_proj(self, param, loaded, shard, name: str = "") -> None:
         """Qwen3.5's separate tensors go through the merged loader; Qwen3-Next's interleaved ones

@@ -48,35 +48,6 @@ def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@CompileOp.define("deltaserve::skinny_silu_mul_linear")
-def skinny_silu_mul_linear_op(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(silu(gate) * up, weight)`` in one skinny-GEMM launch (the dense MLP's activation and
-    down_proj; at most 64 rows, CUDA)."""
-    from deltaserve.ops.skinny_gemm import skinny_silu_mul_linear
-
-    return skinny_silu_mul_linear(gate_up, weight)
-
-
-@skinny_silu_mul_linear_op.register_fake
-def _(gate_up, weight):
-    return gate_up.new_empty(gate_up.shape[0], weight.shape[0])
-
-
-@CompileOp.define("deltaserve::skinny_gated_norm_linear")
-def skinny_gated_norm_linear_op(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(RMSNormGated(o, z), weight)`` in one skinny-GEMM launch (the GDN output norm and
-    out_proj; at most 64 rows, CUDA)."""
-    from deltaserve.ops.skinny_gemm import skinny_gated_norm_linear
-
-    return skinny_gated_norm_linear(o, z, norm_weight, eps, weight)
-
-
-@skinny_gated_norm_linear_op.register_fake
-def _(o, z, norm_weight, eps, weight):
-    return o.new_empty(o.shape[0], weight.shape[0])
-
-
 def skinny_fits(x: torch.Tensor, max_tokens: int) -> bool:
     """Whether the skinny GEMM serves this batch: on CUDA, 1 to ``max_tokens`` rows."""
     return x.is_cuda and 0 < x.shape[0] <= max_tokens
@@ -209,14 +180,7 @@ class RowParallelLinear(LinearBase):
         self.skinny = skinny
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduced(linear(x, self.weight, self.skinny))
-
-    def takes_skinny(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` (or the input a fused prologue turns into it) goes through our skinny GEMM."""
-        return self.skinny and skinny_fits(x, SKINNY_MAX_TOKENS)
-
-    def reduced(self, y: torch.Tensor) -> torch.Tensor:
-        """This rank's partial product summed over the ranks (unless the caller reduces later)."""
+        y = linear(x, self.weight, self.skinny)
         return all_reduce(y) if self.reduce else y
 
     def weight_loader(self, param, loaded, shard=None, name=""):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from deltaserve.layers.layer_ref import CompileOp
-from deltaserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear, skinny_silu_mul_linear_op
+from deltaserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from deltaserve.ops.norms import silu_and_mul
 
 
@@ -17,15 +17,9 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, "intermediate_size")
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, reduce=reduce, what="intermediate_size")
-        # With a skinny down_proj: silu * up inside its GEMM (one launch fewer); set by the model's set_skinny
-        self.fuse_activation = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        down = self.down_proj
-        if self.fuse_activation and down.takes_skinny(gate_up):
-            return down.reduced(skinny_silu_mul_linear_op(gate_up, down.weight))
-        return down(_silu_and_mul(gate_up))
+        return self.down_proj(_silu_and_mul(self.gate_up_proj(x)))
 
 
 @CompileOp.define("deltaserve::silu_and_mul")

@@ -128,23 +128,16 @@ class Qwen3NextForCausalLM(nn.Module):
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.set_router(impl)
 
-    def set_skinny(self, out_proj: bool, dense: bool = False, fuse: bool = False) -> None:
+    def set_skinny(self, out_proj: bool, dense: bool = False) -> None:
         """Which projections run few-token batches (<= SKINNY_MAX_TOKENS) on our skinny GEMM instead of
         cuBLAS: ``out_proj`` the GDN out_proj and attention o_proj; ``dense`` the dense MLPs' gate_up and
         down_proj and the MoE router GEMM (see ``SparseMoE.skinny_router``). The attention qkv_proj stays
-        on cuBLAS: 11.5 against our 12.3-12.9 us on the 35B-A3B shape (H200, docs/perf/2026-11-28e.md).
-        ``fuse``: the op right before a skinny GEMM runs inside it (the GDN's gated norm in out_proj,
-        silu * up in the dense down_proj), one launch fewer each."""
+        on cuBLAS: 11.5 against our 12.3-12.9 us on the 35B-A3B shape (H200, docs/perf/2026-11-28e.md)."""
         for layer in self.model.layers:
-            if layer.is_gdn:
-                layer.linear_attn.out_proj.skinny = out_proj
-                layer.linear_attn.fuse_norm = fuse
-            else:
-                layer.self_attn.o_proj.skinny = out_proj
+            (layer.linear_attn.out_proj if layer.is_gdn else layer.self_attn.o_proj).skinny = out_proj
             for mlp in layer.mlp.modules():
                 if isinstance(mlp, SwiGLU):  # the dense MLP, or an MoE block's unfolded shared expert
                     mlp.gate_up_proj.skinny = mlp.down_proj.skinny = dense
-                    mlp.fuse_activation = fuse
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.skinny_router = dense
 

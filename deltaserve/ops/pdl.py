@@ -17,13 +17,9 @@ streams), and ``griddepcontrol.wait`` is a no-op in a kernel launched without it
 On by default where it can run (``--no-pdl`` turns it off): process-wide, set by the engine at start-up
 on a GPU of compute capability 9.0 or newer. Measured on an H200 (docs/perf/2026-11-28e.md, two
 interleaved pairs): decode 2-4% faster at N = 4 and 16 on the 35B-A3B and 9B shapes, ~2% at N = 1
-(within run-to-run noise there), tokens and logprobs bit-identical.
-
-A wait at the very top overlaps only the launch. Work that does not depend on the previous kernel can go
-before the wait: with ``--skinny-prefetch N`` (staged, off by default until measured) the skinny GEMM
-issues L2 prefetches for the first N columns of its weight rows (:func:`prefetch_l2`), so that HBM streams
-its weights while the previous kernel (a norm, the GDN decode kernel) is still finishing. Under Triton's CPU interpreter it is never on (the interpreter has no
-``griddepcontrol``); the kernels are then exactly the non-PDL ones.
+(within run-to-run noise there), tokens and logprobs bit-identical. Prefetching weights into L2 before
+the wait was tried and measured slower (docs/perf/2026-11-28f.md). Under Triton's CPU interpreter it is
+never on (the interpreter has no ``griddepcontrol``); the kernels are then exactly the non-PDL ones.
 """
 
 from __future__ import annotations
@@ -39,7 +35,6 @@ except ImportError:  # pragma: no cover - CPU installs without triton never laun
     triton = None
 
 _enabled = False
-_prefetch_columns = 0
 
 
 def unavailable(device: torch.device | str | None = None) -> str | None:
@@ -55,24 +50,16 @@ def unavailable(device: torch.device | str | None = None) -> str | None:
     return None
 
 
-def enable(on: bool, device: torch.device | str | None = None, prefetch_columns: int = 0) -> None:
-    """Turn PDL on or off for every kernel launched afterwards in this process; with it, the skinny GEMM
-    prefetches the first ``prefetch_columns`` columns of its weight rows into L2 before it waits."""
-    global _enabled, _prefetch_columns
+def enable(on: bool, device: torch.device | str | None = None) -> None:
+    """Turn PDL on or off for every kernel launched afterwards in this process."""
+    global _enabled
     if on and (why := unavailable(device)):
         raise ValueError(f"pdl=True: {why}")
-    if prefetch_columns and (prefetch_columns & (prefetch_columns - 1) or not 64 <= prefetch_columns <= 4096):
-        raise ValueError(f"prefetch_columns={prefetch_columns} must be 0 or a power of two in [64, 4096]")
-    _enabled, _prefetch_columns = on, prefetch_columns
+    _enabled = on
 
 
 def enabled() -> bool:
     return _enabled
-
-
-def prefetch_columns() -> int:
-    """Weight columns a kernel prefetches before its PDL wait (0 without PDL: nothing to overlap)."""
-    return _prefetch_columns if _enabled else 0
 
 
 def launch_args() -> dict:
@@ -81,14 +68,6 @@ def launch_args() -> dict:
 
 
 if triton is not None:
-
-    @triton.jit
-    def prefetch_l2(ptrs):
-        """Ask for the 128-byte lines at ``ptrs`` (any valid addresses) to be brought into L2: a hint, no
-        register written, nothing waited for. Used before ``pdl_gate`` on data the previous kernel does not
-        write (weights), so that streaming them overlaps that kernel's tail."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
     @triton.jit
     def pdl_gate(PDL: tl.constexpr):

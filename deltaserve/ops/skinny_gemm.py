@@ -10,19 +10,12 @@ at 64 rows a bf16 weight byte still feeds only 64 FLOPs, far below the tensor co
 A narrow weight (the 2048-row out_proj) has too few row tiles to fill the card, so K is split too
 (``split_k``): the partials meet in an fp32 workspace and the last program of each tile sums them.
 
-Two variants feed the same loop. :func:`skinny_silu_mul_linear` and :func:`skinny_gated_norm_linear` apply
-the op that precedes the GEMM in the model (the dense MLP's silu * up, the GDN's per-head gated RMSNorm)
-to each x tile before its dot, so that op needs no launch of its own. With programmatic dependent launch
-and ``--skinny-prefetch``, a program asks for its first weight columns to be brought into L2 before it
-waits for the previous kernel (``ops/pdl.py``).
-
 fp32 inputs use IEEE dots (exact enough for the fp32 parity tests); bf16/fp16 accumulate in fp32 and
 round once on the store. :func:`skinny_linear_ref` is the reference (``torch.nn.functional.linear``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +24,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.ops.arrival import counters
-from deltaserve.ops.pdl import launch_args, pdl_gate, prefetch_columns, prefetch_l2
+from deltaserve.ops.pdl import launch_args, pdl_gate
 
 MAX_M = 64
 
@@ -69,58 +62,24 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
     return GemvConfig(block_n=32, block_k=128, num_stages=5, split_k=2)
 
 
-# What the kernel does to its x tile before the dot (the ``PROLOGUE`` constexpr): the elementwise op that
-# would otherwise be its own launch right before this GEMM. Each is exactly that op's kernel's arithmetic
-# (``ops/norms.py``), rounded the same way, so the GEMM sees the same bits.
-PLAIN, SILU_MUL, GATED_NORM = 0, 1, 2
-
-
-@triton.jit
-def _prologue(x, x2, nw_ptr, offs_k, eps, D: tl.constexpr, PROLOGUE: tl.constexpr):
-    """``x`` (and ``x2``): one ``[BLOCK_M, BLOCK_K]`` tile each. SILU_MUL: ``silu(x) * x2`` (x the gate
-    half, x2 the up half). GATED_NORM: one value head per tile (BLOCK_K == D): ``w * norm(x) * silu(x2)``
-    (x the GDN core output, x2 its gate z, w the ``[D]`` norm weight)."""
-    dtype = x.dtype
-    if PROLOGUE == 1:
-        g = x.to(tl.float32)
-        act = (g * tl.sigmoid(g)).to(dtype).to(tl.float32)  # silu's output rounded, as the eager op
-        x = (act * x2.to(tl.float32)).to(dtype)
-    elif PROLOGUE == 2:
-        o = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(o * o, axis=1) / D + eps)  # [BLOCK_M]
-        n = (o * rstd[:, None]).to(dtype)  # rounded, as transformers does
-        w = tl.load(nw_ptr + offs_k).to(tl.float32)
-        y = (w[None, :] * n.to(tl.float32)).to(dtype).to(tl.float32)
-        zf = x2.to(tl.float32)
-        x = (y * zf * tl.sigmoid(zf)).to(dtype)
-    return x
-
-
 @triton.jit(do_not_specialize=["M"])  # M only masks rows: one binary per BLOCK_M
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
-    x2_ptr, stride_x2m, nw_ptr, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-    LINE: tl.constexpr, PROLOGUE: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_gate(PDL)
     # Program (pid, pid_k): rows [pid * BLOCK_N, +BLOCK_N) of y over K in [pid_k * K_SPLIT, +K_SPLIT).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    if PDL and PREFETCH_K > 0:  # launched early: start pulling our weight rows into L2 (one line per LINE columns)
-        offs_pf = k_lo + tl.arange(0, PREFETCH_K // LINE) * LINE
-        pf_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_pf[None, :]
-        prefetch_l2(tl.where(n_ok[:, None] & (offs_pf < k_hi)[None, :], pf_ptrs, w_ptr))
-    pdl_gate(PDL)  # x may come from the previous kernel: nothing but weights before this
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
+    n_ok = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
-    x2_ptrs = x2_ptr + offs_m[:, None] * stride_x2m + (k_lo + offs_k)[None, :]  # read only with a PROLOGUE
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k_lo + offs_k)[None, :]  # [BN, BK], K contiguous
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
@@ -133,9 +92,6 @@ def _skinny_gemm_kernel(
             x_mask = m_ok[:, None] & k_ok[None, :]
             w_mask = n_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        if PROLOGUE != 0:
-            x = _prologue(x, tl.load(x2_ptrs, mask=x_mask, other=0.0), nw_ptr, offs_k, eps, BLOCK_K, PROLOGUE)
-            x2_ptrs += BLOCK_K
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
@@ -158,23 +114,21 @@ def _skinny_gemm_kernel(
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch (and the next graph replay)
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, what: str = "x") -> tuple[int, int, int]:
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """``x [M, K]`` (M <= 64, unit stride along K), ``w [N, K]`` (row-major rows, unit stride along K)
+    -> ``y [M, N]`` in x's dtype. One launch, no host sync, CUDA-graph safe (split-K: after
+    ``arrival.prepare``). ``config`` defaults to :func:`pick_config` for the shape."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"skinny_linear needs {what} [M, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
+        raise ValueError(f"skinny_linear needs x [M, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
     (M, K), N = x.shape, w.shape[0]
     if not 1 <= M <= MAX_M:
         raise ValueError(f"skinny_linear handles 1 <= M <= {MAX_M} rows; got M={M} (use F.linear)")
     if x.dtype != w.dtype:
-        raise ValueError(f"{what} and w must share a dtype; got {x.dtype} and {w.dtype}")
-    for name, t in ((what, x), ("w", w)):
+        raise ValueError(f"x and w must share a dtype; got {x.dtype} and {w.dtype}")
+    for name, t in (("x", x), ("w", w)):
         if t.stride(1) != 1:
             raise ValueError(f"{name} needs unit stride along K (call .contiguous() first)")
-    return M, N, K
-
-
-def _launch(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, x2: torch.Tensor | None = None,
-            norm_weight: torch.Tensor | None = None, eps: float = 0.0, prologue: int = PLAIN) -> torch.Tensor:
-    (M, K), N = x.shape, w.shape[0]
+    cfg = config or pick_config(M, N, K)
     y = x.new_empty(M, N)
     block_m = max(16, triton.next_power_of_2(M))
     n_tiles = triton.cdiv(N, cfg.block_n)
@@ -185,68 +139,14 @@ def _launch(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig, x2: torch.Tensor 
         ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), counters(x.device, n_tiles)
     else:
         ws = cnt = y  # unused
-    line = 128 // w.element_size()  # columns per 128-byte cache line
-    prefetch_k = min(prefetch_columns(), triton.next_power_of_2(k_split))
-    prefetch_k = prefetch_k if prefetch_k >= line else 0
-    x2 = x if x2 is None else x2  # read only with a prologue
     _skinny_gemm_kernel[(n_tiles, split_k)](
         x, w, y, ws, cnt, M, N, K, k_split, x.stride(0), w.stride(0), y.stride(0),
-        x2, x2.stride(0), x if norm_weight is None else norm_weight, eps,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
-        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH_K=prefetch_k,
-        LINE=line, PROLOGUE=prologue, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
+        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """``x [M, K]`` (M <= 64, unit stride along K), ``w [N, K]`` (row-major rows, unit stride along K)
-    -> ``y [M, N]`` in x's dtype. One launch, no host sync, CUDA-graph safe (split-K: after
-    ``arrival.prepare``). ``config`` defaults to :func:`pick_config` for the shape."""
-    M, N, K = _check(x, w)
-    return _launch(x, w, config or pick_config(M, N, K))
-
-
-def skinny_silu_mul_linear(gate_up: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """``silu(gate) * up`` then ``@ w.T`` in one launch: ``gate_up [M, 2I]`` (gate columns, then up; unit
-    stride along them), ``w [N, I]``. The dense MLP's activation and down_proj."""
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
-        raise ValueError(f"gate_up must be [M, 2I] ([gate | up]); got {tuple(gate_up.shape)}")
-    gate, up = gate_up.chunk(2, dim=1)
-    M, N, K = _check(gate, w, "gate_up's halves")
-    return _launch(gate, w, config or pick_config(M, N, K), x2=up, prologue=SILU_MUL)
-
-
-def skinny_gated_norm_linear(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                             w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """``RMSNormGated(o, z)`` per value head of ``D = norm_weight.numel()`` then ``@ w.T`` in one launch:
-    ``o, z [M, V]`` (V = heads * D, unit stride along V), ``w [N, V]``. The GDN output norm and out_proj.
-    Each K step of the kernel covers one head (``block_k = D``: a power of two, 16 to 256)."""
-    M, N, K = _check(o, w, "o")
-    D = norm_weight.numel()
-    if z.shape != o.shape or z.dtype != o.dtype or z.stride(1) != 1:
-        raise ValueError(f"z must match o ({tuple(o.shape)}, {o.dtype}, unit stride); got {tuple(z.shape)}, "
-                         f"{z.dtype}, strides {tuple(z.stride())}")
-    if D & (D - 1) or not 16 <= D <= 256 or K % D:
-        raise ValueError(f"the head dim {D} must be a power of two in [16, 256] dividing V={K}")
-    cfg = dataclasses.replace(config or pick_config(M, N, K), block_k=D)
-    return _launch(o, w, cfg, x2=z, norm_weight=norm_weight, eps=eps, prologue=GATED_NORM)
-
-
 def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
-
-
-def skinny_silu_mul_linear_ref(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    from deltaserve.ops.norms import silu_and_mul
-
-    return F.linear(silu_and_mul(gate_up), w)
-
-
-def skinny_gated_norm_linear_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                 w: torch.Tensor) -> torch.Tensor:
-    from deltaserve.ops.norms import rms_norm_gated
-
-    D = norm_weight.numel()
-    n = rms_norm_gated(o.reshape(o.shape[0], -1, D), z.reshape(z.shape[0], -1, D), norm_weight, eps)
-    return F.linear(n.reshape(o.shape), w)

@@ -212,3 +212,49 @@ def test_a_terminated_benchmark_takes_its_servers_down(model_dir, tmp_path):
             return
         time.sleep(0.1)
     raise AssertionError(f"server {server_pid} outlived the benchmark")
+
+
+def test_a_stopped_ab_reports_the_pairs_it_completed(model_dir, tmp_path):
+    """SIGTERM mid-run (`timeout` ending a device call): `bench ab` kills its servers, drops the lone side
+    of an unfinished pair and reports the completed pairs, saying it ended early. ab.json is rewritten
+    after every trial, so the trials are on disk before the signal."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "deltaserve.cli", "bench", "ab", str(model_dir), "--a=--max-num-seqs 4",
+           "--b=--max-num-seqs 4", *SMALL_SWEEP, "--paired", "--trials", "1000", "--equiv-prompts", "1",
+           "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "ab.json").read_text())["trials"]) >= 5:  # 2 pairs and a half
+                break
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    report = json.loads((out / "ab.json").read_text())
+    n = len(report["trials"]) // 2
+    assert n >= 2 and len(report["trials"]) == 2 * n and "partial" not in report
+    assert report["stopped"] == f"stopped by signal SIGTERM: {n} of 1000 trials completed both sides"
+    assert all(len(row["combined_tok_s"]["a_trials"]) == n for row in report["comparison"])
+    assert "The run ended early" in (out / "report.md").read_text()
+
+
+def test_time_budget_starts_no_trial_it_cannot_finish(monkeypatch):
+    from deltaserve.bench import ab
+
+    now = [100.0]
+    monkeypatch.setattr(ab.time, "monotonic", lambda: now[0])
+    budget = ab.Budget(60.0)
+    assert budget.allows_another()  # nothing measured yet
+    now[0] += 25  # the first trial took 25 s
+    budget.timed(100.0)
+    assert budget.allows_another()  # 25 + 25 <= 60
+    began, now[0] = now[0], now[0] + 20
+    budget.timed(began)
+    assert budget.longest == 25 and not budget.allows_another()  # 45 + 25 > 60
+    assert ab.Budget(None).allows_another()
+    trials = [{"side": s, "trial": k} for k, s in [(1, "A"), (1, "B"), (2, "B"), (2, "A"), (3, "A")]]
+    assert [(t["side"], t["trial"]) for t in ab.completed(trials)] == [("A", 1), ("B", 1), ("B", 2), ("A", 2)]

@@ -22,6 +22,11 @@ at nearly the same time, and the interval is the paired t interval of the per-tr
 variation between server starts, so it suits configurations whose start-up is deterministic (fixed
 kernels, no autotuning), and the report says which mode produced it.
 
+A run can end early and still report: ``--time-budget S`` starts no trial that the longest one so far
+says would end past S seconds, and SIGTERM (``timeout``, a scheduler) stops the run at once; either way
+the report covers the trials that completed both sides (at least two), and says how many of how many.
+``ab.json`` is rewritten after every trial, so even a run killed outright leaves its raw trials behind.
+
 Output equivalence (greedy, temperature 0, sequential): for every prompt the sha256 of the text
 under each trial. A configuration whose own trials disagree is not deterministic, and then an A/B
 mismatch says nothing about the change; the table says so instead of blaming it.
@@ -34,7 +39,9 @@ import asyncio
 import hashlib
 import math
 import shlex
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +51,7 @@ from deltaserve.bench import stats
 from deltaserve.bench.client import chat_payload, first_model, make_session, stream_chat
 from deltaserve.bench.env import environment, format_environment
 from deltaserve.bench.report import markdown_table, num, plot_ab, text_table, write_json
-from deltaserve.bench.startup import ServerError, ServerProcess
+from deltaserve.bench.startup import ServerError, ServerProcess, kill_live_servers
 from deltaserve.bench.sweep import add_workload_args, check_args, parse_levels, run_sweep, vars_of
 from deltaserve.bench.workload import PromptSource
 
@@ -64,6 +71,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--equiv-prompts", type=int, default=5, help="prompts in the output-equivalence check")
     p.add_argument("--equiv-max-tokens", type=int, default=None, help="their max_tokens (default --max-tokens)")
     p.add_argument("--server-timeout", type=float, default=1200.0, help="seconds to wait for /health 200")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run: start no trial "
+                   "that would end past it (judged by the longest so far) and report the trials completed")
     p.add_argument("--output", default="ab-report", help="directory for report.md, ab.json, ab.png, server logs")
 
 
@@ -102,25 +111,57 @@ async def run_trial(side: str, trial: int, flags: list[str], args: argparse.Name
     return {**record, "ready_s": ready_s, "exit_status": status}
 
 
-async def run_paired(flags: dict[str, list[str]], args: argparse.Namespace, out_dir: Path) -> list[dict]:
+class Stopped(BaseException):
+    """SIGTERM mid-run: the trials completed so far are reported. A BaseException, as KeyboardInterrupt
+    is, so that no ``except Exception`` on the way (a request's error handling) takes it for a failure."""
+
+
+class Budget:
+    """``--time-budget``: whether another trial (both sides) fits, judged by the longest one so far."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.start, self.longest = seconds, time.monotonic(), 0.0
+
+    def allows_another(self) -> bool:
+        return self.seconds is None or time.monotonic() - self.start + self.longest <= self.seconds
+
+    def timed(self, began: float) -> None:
+        self.longest = max(self.longest, time.monotonic() - began)
+
+
+async def run_paired(flags: dict[str, list[str]], args: argparse.Namespace, out_dir: Path, record,
+                     budget: Budget) -> None:
     """``--paired``: both servers up at once (started one after the other, so their start-ups do not
-    compete), then ``args.trials`` back-to-back pairs, A first in odd trials and B first in even ones."""
+    compete), then up to ``args.trials`` back-to-back pairs, A first in odd trials and B first in even
+    ones; ``record`` gets each side's trial as it completes."""
     servers: dict[str, ServerProcess] = {}
     ready: dict[str, float] = {}
-    trials = []
+    mine: list[dict] = []
     try:
         for side in SIDES:
             servers[side] = ServerProcess(args.model, flags[side], out_dir / f"server-{side}.log")
             ready[side] = await servers[side].wait_ready(args.server_timeout)
         for trial in range(1, args.trials + 1):
+            if not budget.allows_another():
+                break
+            began = time.monotonic()
             for side in SIDES if trial % 2 else SIDES[::-1]:
                 print(f"trial {trial}, {side}", file=sys.stderr)
-                trials.append({**await measure(servers[side], side, trial, args), "ready_s": ready[side]})
+                mine.append({**await measure(servers[side], side, trial, args), "ready_s": ready[side]})
+                record(mine[-1])
+            budget.timed(began)
     finally:
         status = {side: server.stop() for side, server in servers.items()}
+        for t in mine:  # the same dicts as the caller's: each gets its server's exit status
+            t["exit_status"] = status[t["side"]]
+
+
+def completed(trials: list[dict]) -> list[dict]:
+    """The trials whose number has both sides (a run stopped mid-pair drops its last, lone side)."""
+    sides: dict[int, set] = {}
     for t in trials:
-        t["exit_status"] = status[t["side"]]
-    return trials
+        sides.setdefault(t["trial"], set()).add(t["side"])
+    return [t for t in trials if sides[t["trial"]] == set(SIDES)]
 
 
 def compare_levels(trials: list[dict], confidence: float, paired: bool = False) -> list[dict]:
@@ -209,7 +250,8 @@ def equivalence_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                       "" if r["first_diff_token"] is None else str(r["first_diff_token"])] for r in rows]
 
 
-def markdown(env: dict, args: argparse.Namespace, trials: list[dict], rows: list[dict], eq: list[dict]) -> str:
+def markdown(env: dict, args: argparse.Namespace, trials: list[dict], rows: list[dict], eq: list[dict],
+             stopped: str | None = None) -> str:
     conf = f"{100 * args.confidence:.0f}%"
     if args.paired:
         method = (f"**Paired mode**: both servers ran side by side on one GPU for the whole run (started once: "
@@ -222,7 +264,7 @@ def markdown(env: dict, args: argparse.Namespace, trials: list[dict], rows: list
     order = " ".join(f"{t['side']}{t['trial']} (ready {t['ready_s']:.1f} s)" for t in trials)
     per_trial = [[str(r["concurrency"]), side, ", ".join(num(v) for v in r["combined_tok_s"][f"{side.lower()}_trials"]),
                   ", ".join(num(v) for v in r["ttft_ms"][f"{side.lower()}_trials"])] for r in rows for side in SIDES]
-    notes = []
+    notes = [f"**The run ended early** ({stopped})."] if stopped else []
     if any(r["failed"]["a"] or r["failed"]["b"] for r in rows):
         notes.append("**Some requests failed** (column 'failed A/B'; the errors are in ab.json): "
                      "the throughput of a side with failures is not comparable.")
@@ -237,7 +279,7 @@ def markdown(env: dict, args: argparse.Namespace, trials: list[dict], rows: list
         f"ignore_eos {args.ignore_eos}, temperature {args.temperature}; per trial and N: {args.warmups} warm-up "
         f"rounds, then {args.repeats} timed rounds", f"- order: {order}", "",
         "## Throughput and TTFT", "",
-        f"One sample per trial (n = {args.trials} per side): the trial's mean combined tok/s over its rounds, and "
+        f"One sample per trial (n = {len(trials) // 2} per side): the trial's mean combined tok/s over its rounds, and "
         f"its median TTFT. {method} The verdict is \"no difference resolved\" when that interval contains 0: the "
         "trials cannot tell the two apart, whatever the point estimate says.", "", markdown_table(*table(rows)), "",
         *notes, "", "### Per-trial values", "",
@@ -262,27 +304,57 @@ def main(args: argparse.Namespace) -> int:
         return 2
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trials = []
+    trials: list[dict] = []
+
+    def record(trial: dict) -> None:
+        trials.append(trial)
+        write_json(out_dir / "ab.json", {"partial": True, "args": vars_of(args), "trials": trials})
+
+    def stop(signum, frame):
+        kill_live_servers()  # at once, as the benchmarks do on SIGTERM: its sender will not wait for a drain
+        raise Stopped(f"stopped by signal {signal.Signals(signum).name}")
+
+    budget, stopped = Budget(args.time_budget), None
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         if args.paired:
-            trials = asyncio.run(run_paired(flags, args, out_dir))
+            asyncio.run(run_paired(flags, args, out_dir, record, budget))
         else:
             for trial in range(1, args.trials + 1):
+                if not budget.allows_another():
+                    break
+                began = time.monotonic()
                 for side in SIDES if trial % 2 else SIDES[::-1]:
                     print(f"trial {trial}, {side}: deltaserve serve {args.model} {shlex.join(flags[side])}",
                           file=sys.stderr)
-                    trials.append(asyncio.run(run_trial(side, trial, flags[side], args, out_dir)))
+                    record(asyncio.run(run_trial(side, trial, flags[side], args, out_dir)))
+                budget.timed(began)
+    except Stopped as e:
+        stopped = str(e)
     except (ServerError, ValueError, aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         write_json(out_dir / "ab.json", {"error": str(e), "args": vars_of(args), "trials": trials})
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    trials = completed(trials)
+    n = len(trials) // 2
+    if n < args.trials:
+        stopped = (f"{stopped or f'--time-budget {args.time_budget:g} s reached'}: {n} of {args.trials} trials "
+                   "completed both sides")
+        print(f"note: {stopped}", file=sys.stderr)
+    if n < 2:
+        write_json(out_dir / "ab.json", {"error": f"{stopped}; an interval needs at least 2",
+                                         "args": vars_of(args), "trials": trials})
+        print(f"error: {stopped}; an interval needs at least 2", file=sys.stderr)
         return 1
     rows = compare_levels(trials, args.confidence, args.paired)
     eq = equivalence(trials, args.model)
     env = environment()
     write_json(out_dir / "ab.json", {"environment": env, "args": vars_of(args), "flags": flags, "comparison": rows,
-                                     "equivalence": eq, "trials": trials})
+                                     "equivalence": eq, "stopped": stopped, "trials": trials})
     plot_ab(rows, out_dir / "ab.png", f"A: {args.a or '(defaults)'}   B: {args.b or '(defaults)'}   {env['card']}")
-    (out_dir / "report.md").write_text(markdown(env, args, trials, rows, eq))
+    (out_dir / "report.md").write_text(markdown(env, args, trials, rows, eq, stopped))
     print(format_environment(env))
     print(text_table(*table(rows)))
     print(text_table(*equivalence_table(eq)))

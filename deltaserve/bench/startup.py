@@ -53,13 +53,13 @@ _LIVE: set[ServerProcess] = set()  # servers started and not yet stopped, killed
 _guarded = False
 
 
-def _kill_live_servers() -> None:
+def kill_live_servers() -> None:
     for server in list(_LIVE):
         server.kill()
 
 
 def _sigterm_unwinds(signum, frame) -> None:
-    _kill_live_servers()  # at once: whoever sent SIGTERM will not wait for a graceful drain
+    kill_live_servers()  # at once: whoever sent SIGTERM will not wait for a graceful drain
     raise SystemExit(128 + signum)
 
 
@@ -70,7 +70,7 @@ def _guard_servers() -> None:
     global _guarded
     if _guarded:
         return
-    atexit.register(_kill_live_servers)
+    atexit.register(kill_live_servers)
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm_unwinds)
     _guarded = True

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
 
@@ -23,14 +22,7 @@ import triton
 from deltaserve.bench.roofline import measure_copy_bandwidth
 from deltaserve.layers.inproj_tune import time_graph
 from deltaserve.ops import pdl
-from deltaserve.ops.norms import rms_norm_gated, silu_and_mul
-from deltaserve.ops.skinny_gemm import (
-    GemvConfig,
-    pick_config,
-    skinny_gated_norm_linear,
-    skinny_linear,
-    skinny_silu_mul_linear,
-)
+from deltaserve.ops.skinny_gemm import GemvConfig, pick_config, skinny_linear
 
 SHAPES = {  # name: (N, K)
     "35B-A3B GDN in_proj": (12352, 2048),
@@ -62,48 +54,35 @@ def time_us(fn, weights, x, replays: int = 24) -> float:
         return float("inf")
 
 
-PROLOGUE_SHAPES = {  # name: (N, K, prologue): the GEMMs --fuse-prologues changes
-    "9B MLP down_proj (silu * up)": (4096, 12288, "silu"),
-    "9B GDN out_proj (gated norm)": (4096, 4096, "norm"),
-    "35B-A3B GDN out_proj (gated norm)": (2048, 4096, "norm"),
-}
-
-
-def prologue_fns(kind: str, k: int, nw: torch.Tensor):
-    """(separate, fused) for one prologue: x is ``[M, 2K]``, [gate | up] or [o | z]."""
-    if kind == "silu":
-        return (lambda a, w: skinny_linear(silu_and_mul(a), w),
-                lambda a, w, c=None: skinny_silu_mul_linear(a, w, c))
-
-    def separate(a, w):
-        o, z = a[:, :k].unflatten(1, (-1, nw.numel())), a[:, k:].unflatten(1, (-1, nw.numel()))
-        return skinny_linear(rms_norm_gated(o, z, nw, 1e-6).flatten(1), w)
-
-    return separate, lambda a, w, c=None: skinny_gated_norm_linear(a[:, :k], a[:, k:], nw, 1e-6, w, c)
-
-
-def prologues(bw: float, ms: list[int]) -> list[dict]:
-    """The op before the GEMM as its own launch, then inside the GEMM (pick_config's tile, and the best
-    split-K tile of 128-column steps): µs per layer, so that a fusion's gain or loss shows apart from the
-    end-to-end noise."""
+def pdl_ab(args: argparse.Namespace) -> None:
+    """The picked tile with and without PDL, interleaved twice, with its grid size in programs."""
+    bw = measure_copy_bandwidth(torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; "
+          f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
     rows = []
-    nw = torch.rand(128, device="cuda", dtype=torch.bfloat16) + 0.5
-    for name, (n, k, kind) in PROLOGUE_SHAPES.items():
+    for name, (n, k) in SHAPES.items():
+        if args.shapes and not any(w in name for w in args.shapes.split(",")):
+            continue
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
-        separate, fused = prologue_fns(kind, k, nw)
-        for m in ms:
-            x = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
-            sep_us, picked = time_us(separate, weights, x), time_us(fused, weights, x)
-            tried = {c: time_us(functools.partial(fused, c=c), weights, x) for c in SPLIT_GRID if c.block_k == 128}
-            best = min(tried, key=tried.get)
-            floor_us = n * k * 2 / bw * 1e6
-            rows.append({"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "separate_us": sep_us,
-                         "fused_us": picked, "best_us": tried[best], "best_config": dataclasses.asdict(best)})
-            print(f"{name:<34} M={m:<3} floor {floor_us:6.2f}  separate {sep_us:6.2f}  fused {picked:6.2f}  "
-                  f"best fused {tried[best]:6.2f} {best}")
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cfg = pick_config(m, n, k)
+            times = {False: [], True: []}
+            for on in (False, True, False, True):
+                pdl.enable(on, "cuda")
+                times[on].append(time_us(lambda a, w: skinny_linear(a, w), weights, x))
+            pdl.enable(False, "cuda")
+            k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k  # as skinny_linear splits
+            programs = triton.cdiv(n, cfg.block_n) * triton.cdiv(k, k_split)
+            rows.append({"shape": name, "N": n, "K": k, "M": m, "config": dataclasses.asdict(cfg), "programs": programs,
+                         "floor_us": n * k * 2 / bw * 1e6, "no_pdl_us": times[False], "pdl_us": times[True]})
+            print(f"{name:<28} M={m:<3} {programs:>5} programs  no PDL {times[False][0]:6.2f} {times[False][1]:6.2f}  "
+                  f"PDL {times[True][0]:6.2f} {times[True][1]:6.2f}")
         del weights
         torch.cuda.empty_cache()
-    return rows
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=2)
 
 
 def main() -> None:
@@ -111,20 +90,17 @@ def main() -> None:
     p.add_argument("--m", default="1,4,16,64")
     p.add_argument("--output", default=None)
     p.add_argument("--shapes", default=None, help="only the shapes whose name contains one of these (comma-separated)")
-    p.add_argument("--prologues", action="store_true", help="time --fuse-prologues' GEMMs (separate vs fused) only")
     p.add_argument("--split", action="store_true", help="try the split-K tiles on every shape (default: narrow ones)")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=False,
                    help="launch the skinny kernels with programmatic dependent launch, as the engine does on Hopper")
+    p.add_argument("--pdl-ab", action="store_true", help="only the picked tile, PDL off / on / off / on (interleaved) "
+                   "per shape and M: does PDL slow a grid of several waves?")
     args = p.parse_args()
+    if args.pdl_ab:
+        return pdl_ab(args)
     pdl.enable(args.pdl, "cuda")
     bw = measure_copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; PDL {'on' if args.pdl else 'off'}")
-    if args.prologues:
-        rows = prologues(bw, [int(v) for v in args.m.split(",")])
-        if args.output:
-            with open(args.output, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=2)
-        return
     rows = []
     for name, (n, k) in SHAPES.items():
         if args.shapes and not any(w in name for w in args.shapes.split(",")):

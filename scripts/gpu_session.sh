@@ -53,21 +53,10 @@ for stage in "$@"; do
                    tests/test_skinny_gemm.py ;;
     engine-hf) run engine-hf python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                  -k transformers ;;
-    gpu-next) # the GPU tests of what changed since the last device session: the L2 weight prefetch before the
-              # PDL wait (kernel bits, engine tokens and logprobs)
+    gpu-next) # the GPU tests of what changed since the last device session: PDL and the skinny dense GEMMs in
+              # the engine (tokens and logprobs against the plain path)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
-        tests/test_engine_gpu.py -k "prefetch or launch_options or prologue or gemm_options" ;;
-    fuse-ab) flag_ab fuse-ab fuse-prologues ;;  # the gated norm in out_proj, silu * up in the dense down_proj
-    prefetch-ab) # --skinny-prefetch 0 and 512 (and 2048), interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
-      for preset in qwen3.5-35b-a3b qwen3.5-9b; do
-        for rep in 1 2; do
-          for cols in 0 512 2048; do
-            run "prefetch-ab-$preset-$rep-$cols" python3 -m deltaserve.cli bench offline --preset "$preset" \
-              $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --skinny-prefetch "$cols" \
-              --batch 1,4,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/prefetch-ab-$preset-$rep-$cols.json"
-          done
-        done
-      done ;;
+        tests/test_engine_gpu.py -k "pdl_gives or skinny_dense_matches" ;;
     pdl-ab) # programmatic dependent launch off and on, interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
       for rep in 1 2; do
         for flag in --no-pdl --pdl; do
@@ -91,7 +80,6 @@ for stage in "$@"; do
         done
       done ;;
     dense-ab) flag_ab dense-ab skinny-dense ;;  # the dense MLP and the MoE router GEMM on the skinny GEMM
-    gemv-prologues) run gemv-prologues python3 scripts/bench_gemv.py --prologues --m 1,4,16 --output "$LOGS/gemv-prologues.json" ;;
     offline9b-x3) for rep in 1 2 3; do run "offline9b-$rep" python3 -m deltaserve.cli bench offline --preset qwen3.5-9b \
                     --batch 1,2,4,8,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/offline9b-$rep.json"; done ;;
     gemv-new) run gemv-new python3 scripts/bench_gemv.py --shapes "MLP,qkv,router" --output "$LOGS/gemv-new.json" ;;
@@ -143,7 +131,8 @@ for stage in "$@"; do
     ab-serial|ab-dual)  # <strategy> vs fused through live servers, interleaved trials, CIs + equivalence
       run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35cfg --a "--load-format dummy --max-num-seqs 16 --inproj ${stage#ab-}" \
         --b "--load-format dummy --max-num-seqs 16 --inproj fused" --trials ${TRIALS:-3} --concurrency 1,2,4,8,16 --max-tokens ${AB_TOKENS:-256} \
-        --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 --output "$LOGS/$stage" ;;
+        --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 \
+        --time-budget ${AB_BUDGET:-$(( ${STAGE_TIMEOUT:-300} - 30 ))} --output "$LOGS/$stage" ;;
     ab-paired-serial|ab-paired-dual)  # <strategy> vs fused, --paired: both servers on this GPU at once (the 35B-A3B
       # shape with PAIRED_LAYERS layers, so that it fits twice), back-to-back sweep pairs
       run "$stage-cfg" python3 -m deltaserve.cli make-model --preset qwen3.5-35b-a3b --layers ${PAIRED_LAYERS:-24} \
@@ -152,7 +141,7 @@ for stage in "$@"; do
       run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35paired --paired --a "$serve --inproj ${stage#ab-paired-}" \
         --b "$serve --inproj fused" --trials ${TRIALS:-8} --concurrency ${AB_CONC:-1,2,4,8,16} --max-tokens ${AB_TOKENS:-256} \
         --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 3 --equiv-max-tokens 128 \
-        --output "$LOGS/$stage" ;;
+        --time-budget ${AB_BUDGET:-$(( ${STAGE_TIMEOUT:-300} - 30 ))} --output "$LOGS/$stage" ;;
     engine-new) run engine-new python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k "skinny_dense or pdl or prefill_graphs or batched" ;;
     startup35b) run startup35b python3 -m deltaserve.cli bench startup /tmp/m35cfg --load-format dummy --cold --runs 1 \
@@ -175,6 +164,7 @@ for stage in "$@"; do
     skinny) run skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;
+    gemv-pdl) run gemv-pdl python3 scripts/bench_gemv.py --pdl-ab --m 1,16 --output "$LOGS/gemv-pdl.json" ;;
     gemv-inproj) run gemv-inproj python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj" --m 1,16,64 --split --pdl \
                    --output "$LOGS/gemv-inproj.json" ;;
     layer-pdl-*|layer-nopdl-*)  # layer-<pdl|nopdl>-<preset>: the in_proj micro-benchmark, our kernels with or without PDL

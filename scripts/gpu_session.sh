@@ -56,7 +56,7 @@ for stage in "$@"; do
     gpu-next) # the GPU tests of what changed since the last device session: PDL and the skinny dense GEMMs in
               # the engine (tokens and logprobs against the plain path)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
-        tests/test_engine_gpu.py -k "pdl_gives or skinny_dense_matches" ;;
+        tests/test_engine_gpu.py -k "test_skinny_gemm or pdl_gives or skinny_dense_matches" ;;
     pdl-ab) # programmatic dependent launch off and on, interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
       for rep in 1 2; do
         for flag in --no-pdl --pdl; do

@@ -256,5 +256,6 @@ def test_time_budget_starts_no_trial_it_cannot_finish(monkeypatch):
     budget.timed(began)
     assert budget.longest == 25 and not budget.allows_another()  # 45 + 25 > 60
     assert ab.Budget(None).allows_another()
+    assert bench("ab", "/nonexistent", "--time-budget", "0") == 2  # refused before any server starts
     trials = [{"side": s, "trial": k} for k, s in [(1, "A"), (1, "B"), (2, "B"), (2, "A"), (3, "A")]]
     assert [(t["side"], t["trial"]) for t in ab.completed(trials)] == [("A", 1), ("B", 1), ("B", 2), ("A", 2)]

@@ -298,6 +298,8 @@ def main(args: argparse.Namespace) -> int:
         PromptSource(args.prompts)
         if args.trials < 1 or args.equiv_prompts < 0:
             raise ValueError("--trials must be >= 1 and --equiv-prompts >= 0")
+        if args.time_budget is not None and args.time_budget <= 0:
+            raise ValueError(f"--time-budget {args.time_budget:g} must be > 0 seconds (leave it out for no limit)")
         flags = {"A": shlex.split(args.a), "B": shlex.split(args.b)}
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

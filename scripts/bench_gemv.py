@@ -40,6 +40,10 @@ GRID += [GemvConfig(64, bk, 8, 4) for bk in (128, 256)]
 GRID += [GemvConfig(32, bk, 4, s, 2) for bk in (128, 256) for s in (3, 5)]
 SPLIT_GRID = [GemvConfig(bn, bk, 4, s, sk) for bn, bk, s, sk in
               itertools.product((16, 32, 64), (128, 256), (3, 5), (2, 4, 8))]
+# 128-row tiles for 32-64 tokens: every program re-reads the whole [M, K] input from L2 (at M=64 and
+# 32-row tiles, 386 x 256 KB = 100 MB of L2 reads for a 50 MB weight on the 35B-A3B in_proj), so wider
+# tiles cut that traffic, and split-K keeps enough programs. Tried with --wide.
+WIDE_GRID = [GemvConfig(128, bk, 8, s, sk) for bk, s, sk in itertools.product((64, 128), (3, 4), (1, 2))]
 
 
 def time_us(fn, weights, x, replays: int = 24) -> float:
@@ -91,6 +95,7 @@ def main() -> None:
     p.add_argument("--output", default=None)
     p.add_argument("--shapes", default=None, help="only the shapes whose name contains one of these (comma-separated)")
     p.add_argument("--split", action="store_true", help="try the split-K tiles on every shape (default: narrow ones)")
+    p.add_argument("--wide", action="store_true", help="also try 128-row tiles (8 warps, split-K 1 or 2)")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=False,
                    help="launch the skinny kernels with programmatic dependent launch, as the engine does on Hopper")
     p.add_argument("--pdl-ab", action="store_true", help="only the picked tile, PDL off / on / off / on (interleaved) "
@@ -111,7 +116,7 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cublas = time_us(F.linear, weights, x)
             default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
-            grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else [])
+            grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
             tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
             best = min(tried, key=tried.get)
             row = {"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,

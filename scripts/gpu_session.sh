@@ -164,6 +164,8 @@ for stage in "$@"; do
     skinny) run skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;
     pack) tar czf "$OUT/logs.tgz" -C "$LOGS" . && cp "$LOGS/summary.txt" "$OUT/"
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;
+    gemv-inproj64) run gemv-inproj64 python3 scripts/bench_gemv.py --shapes "GDN in_proj" --m 32,64 --wide --pdl \
+                     --output "$LOGS/gemv-inproj64.json" ;;
     gemv-pdl) run gemv-pdl python3 scripts/bench_gemv.py --pdl-ab --m 1,16 --output "$LOGS/gemv-pdl.json" ;;
     gemv-inproj) run gemv-inproj python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj" --m 1,16,64 --split --pdl \
                    --output "$LOGS/gemv-inproj.json" ;;

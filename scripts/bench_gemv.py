@@ -22,7 +22,7 @@ import triton
 from deltaserve.bench.roofline import measure_copy_bandwidth
 from deltaserve.layers.inproj_tune import time_graph
 from deltaserve.ops import pdl
-from deltaserve.ops.skinny_gemm import GemvConfig, pick_config, skinny_linear
+from deltaserve.ops.skinny_gemm import GemvConfig, launch_grid, pick_config, skinny_linear
 
 SHAPES = {  # name: (N, K)
     "35B-A3B GDN in_proj": (12352, 2048),
@@ -58,35 +58,45 @@ def time_us(fn, weights, x, replays: int = 24) -> float:
         return float("inf")
 
 
+def cases(args: argparse.Namespace):
+    """``(name, N, K, M, weights, x)`` for every selected shape and M; each shape's 24 weights are freed
+    before the next shape's are made."""
+    for name, (n, k) in SHAPES.items():
+        if args.shapes and not any(w in name for w in args.shapes.split(",")):
+            continue
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
+        for m in (int(v) for v in args.m.split(",")):
+            yield name, n, k, m, weights, torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        del weights
+        torch.cuda.empty_cache()
+
+
+def save(args: argparse.Namespace, bw: float, rows: list[dict]) -> None:
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=2)
+
+
 def pdl_ab(args: argparse.Namespace) -> None:
     """The picked tile with and without PDL, interleaved twice, with its grid size in programs."""
     bw = measure_copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; "
           f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
     rows = []
-    for name, (n, k) in SHAPES.items():
-        if args.shapes and not any(w in name for w in args.shapes.split(",")):
-            continue
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
-        for m in (int(v) for v in args.m.split(",")):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cfg = pick_config(m, n, k)
-            times = {False: [], True: []}
-            for on in (False, True, False, True):
-                pdl.enable(on, "cuda")
-                times[on].append(time_us(lambda a, w: skinny_linear(a, w), weights, x))
-            pdl.enable(False, "cuda")
-            k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k  # as skinny_linear splits
-            programs = triton.cdiv(n, cfg.block_n) * triton.cdiv(k, k_split)
-            rows.append({"shape": name, "N": n, "K": k, "M": m, "config": dataclasses.asdict(cfg), "programs": programs,
-                         "floor_us": n * k * 2 / bw * 1e6, "no_pdl_us": times[False], "pdl_us": times[True]})
-            print(f"{name:<28} M={m:<3} {programs:>5} programs  no PDL {times[False][0]:6.2f} {times[False][1]:6.2f}  "
-                  f"PDL {times[True][0]:6.2f} {times[True][1]:6.2f}")
-        del weights
-        torch.cuda.empty_cache()
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=2)
+    for name, n, k, m, weights, x in cases(args):
+        cfg = pick_config(m, n, k)
+        times = {False: [], True: []}
+        for on in (False, True, False, True):
+            pdl.enable(on, "cuda")
+            times[on].append(time_us(lambda a, w: skinny_linear(a, w), weights, x))
+        pdl.enable(False, "cuda")
+        n_tiles, split_k, _ = launch_grid(n, k, cfg)
+        rows.append({"shape": name, "N": n, "K": k, "M": m, "config": dataclasses.asdict(cfg),
+                     "programs": n_tiles * split_k, "floor_us": n * k * 2 / bw * 1e6, "no_pdl_us": times[False],
+                     "pdl_us": times[True]})
+        print(f"{name:<28} M={m:<3} {n_tiles * split_k:>5} programs  no PDL {times[False][0]:6.2f} "
+              f"{times[False][1]:6.2f}  PDL {times[True][0]:6.2f} {times[True][1]:6.2f}")
+    save(args, bw, rows)
 
 
 def main() -> None:
@@ -107,29 +117,20 @@ def main() -> None:
     bw = measure_copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; PDL {'on' if args.pdl else 'off'}")
     rows = []
-    for name, (n, k) in SHAPES.items():
-        if args.shapes and not any(w in name for w in args.shapes.split(",")):
-            continue
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
+    for name, n, k, m, weights, x in cases(args):
         floor_us = n * k * 2 / bw * 1e6
-        for m in (int(v) for v in args.m.split(",")):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cublas = time_us(F.linear, weights, x)
-            default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
-            grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
-            tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
-            best = min(tried, key=tried.get)
-            row = {"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,
-                   "default_us": default, "default_config": dataclasses.asdict(pick_config(m, n, k)), "best_us": tried[best], "best_config": dataclasses.asdict(best)}
-            rows.append(row)
-            print(f"{name:<24} M={m:<3} floor {floor_us:6.2f}  cuBLAS {cublas:6.2f} ({cublas / floor_us:.2f}x)  "
-                  f"skinny picked {default:6.2f} ({default / floor_us:.2f}x)  best {tried[best]:6.2f} "
-                  f"({tried[best] / floor_us:.2f}x) {best}")
-        del weights
-        torch.cuda.empty_cache()
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=2)
+        cublas = time_us(F.linear, weights, x)
+        default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
+        grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
+        tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
+        best = min(tried, key=tried.get)
+        rows.append({"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,
+                     "default_us": default, "default_config": dataclasses.asdict(pick_config(m, n, k)),
+                     "best_us": tried[best], "best_config": dataclasses.asdict(best)})
+        print(f"{name:<24} M={m:<3} floor {floor_us:6.2f}  cuBLAS {cublas:6.2f} ({cublas / floor_us:.2f}x)  "
+              f"skinny picked {default:6.2f} ({default / floor_us:.2f}x)  best {tried[best]:6.2f} "
+              f"({tried[best] / floor_us:.2f}x) {best}")
+    save(args, bw, rows)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ For each N: N requests with ``--input-len`` random prompt tokens decode ``--outp
 (ignore_eos). Decode tok/s counts the tokens after each request's first one over the time from the
 last first-token to the end, so prefill is excluded. After one short warm-up pass, each N is timed
 ``--repeats`` times in a row and the median pass is reported (every pass's ms/step is in the JSON):
-a single pass of a few hundred milliseconds moves by a few percent with the host's load. The roofline is N over the time the step's
-bytes (weights incl. touched experts, GDN state read+write, KV read: ``bench/roofline.py``) take at
-the copy bandwidth measured on this device.
+a single pass of a few hundred milliseconds moves by a few percent with the host's load. The
+roofline is N over the time the step's bytes (weights incl. touched experts, GDN state read+write,
+KV read: ``bench/roofline.py``) take at the copy bandwidth measured on this device.
 """
 
 from __future__ import annotations

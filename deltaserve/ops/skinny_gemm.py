@@ -114,6 +114,13 @@ def _skinny_gemm_kernel(
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch (and the next graph replay)
 
 
+def launch_grid(N: int, K: int, cfg: GemvConfig) -> tuple[int, int, int]:
+    """``(row tiles, K splits, columns per split)`` of a launch: each split covers a whole number of
+    BLOCK_K steps, so a short K gets fewer splits than ``cfg.split_k`` asks for."""
+    k_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+    return triton.cdiv(N, cfg.block_n), triton.cdiv(K, k_split), k_split
+
+
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
     """``x [M, K]`` (M <= 64, unit stride along K), ``w [N, K]`` (row-major rows, unit stride along K)
     -> ``y [M, N]`` in x's dtype. One launch, no host sync, CUDA-graph safe (split-K: after
@@ -131,10 +138,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     cfg = config or pick_config(M, N, K)
     y = x.new_empty(M, N)
     block_m = max(16, triton.next_power_of_2(M))
-    n_tiles = triton.cdiv(N, cfg.block_n)
-    # Each split covers a whole number of BLOCK_K steps; fewer splits where K is short.
-    k_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
-    split_k = triton.cdiv(K, k_split)
+    n_tiles, split_k, k_split = launch_grid(N, K, cfg)
     if split_k > 1:
         ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), counters(x.device, n_tiles)
     else:

@@ -62,6 +62,10 @@ class EngineConfig:
     pdl: bool | None = _f(None, "Programmatic dependent launch for deltaserve's Triton kernels: each kernel's launch "
                                 "overlaps the previous kernel's execution (2-4% faster decode, H200). Default: on "
                                 "where it can run (CUDA, compute capability >= 9.0, not Triton's interpreter).")
+    skinny_late_trigger: bool = _f(False, "With PDL: the skinny GEMM lets the next kernel launch after its K loop "
+                                          "instead of at its start (measured in docs/perf/2026-11-29.md).")
+    skinny_prefetch: int = _f(0, "With PDL: the skinny GEMM asks for the first N columns of its weight rows in L2 "
+                                 "before it waits on the previous kernel (0: off; a power of two >= 64).")
     enforce_eager: bool = _f(False, "Never use CUDA graphs.")
     compile: bool = _f(False, "torch.compile each decoder layer (regional compilation).")
     layer_arg: str = _f("auto", "How custom ops name their layer: opaque (one compiled graph shared by all layers "
@@ -122,6 +126,13 @@ class EngineConfig:
         if self.pdl is None:
             self.pdl = why is None
         self._check(not self.pdl or why is None, "pdl", self.pdl, why)
+        p = self.skinny_prefetch
+        self._check(p == 0 or (p & (p - 1) == 0 and p >= 64), "skinny_prefetch", p,
+                    "use 0 (off) or a power of two >= 64")
+        for name in ("skinny_prefetch", "skinny_late_trigger"):
+            self._check(not getattr(self, name) or self.pdl, name, getattr(self, name),
+                        "it changes only how a kernel overlaps its neighbours under PDL: it needs PDL (a Hopper "
+                        "GPU, without --no-pdl)")
 
     @staticmethod
     def _check(ok: bool, name: str, value: Any, fix: str) -> None:

@@ -99,6 +99,47 @@ def pdl_ab(args: argparse.Namespace) -> None:
     save(args, bw, rows)
 
 
+# (name, PDL, late trigger, prefetch columns) for --chain-ab; "start/0" is what the engine runs now.
+CHAIN_VARIANTS = [("no PDL", False, False, 0), ("start/0", True, False, 0), ("late/0", True, True, 0),
+                  ("start/128", True, False, 128), ("late/128", True, True, 128), ("late/256", True, True, 256),
+                  ("late/512", True, True, 512)]
+
+
+def chain_ab(args: argparse.Namespace) -> None:
+    """The picked tile with PDL off, on as the engine runs it, and with a late trigger and/or an L2 weight
+    prefetch before the wait, in a chain of 24 distinct weights (each GEMM's tail meets the next one's
+    start), interleaved forwards then backwards. ``--with-norm`` puts our RMSNorm kernel before every GEMM
+    (the engine's order for the in_proj): the GEMM's input then comes from a short kernel."""
+    from deltaserve.ops.norms import rms_norm
+
+    bw = measure_copy_bandwidth(torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; chain of 24 weights"
+          f"{', RMSNorm before each GEMM' if args.with_norm else ''}")
+    rows = []
+    for name, n, k, m, weights, x in cases(args):
+        base = pick_config(m, n, k)
+        gamma = torch.zeros(k, device="cuda", dtype=torch.bfloat16)
+        times = {v[0]: [] for v in CHAIN_VARIANTS}
+        for variant in CHAIN_VARIANTS + CHAIN_VARIANTS[::-1]:
+            label, on, late, pf = variant
+            cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=pf)
+            pdl.enable(on, "cuda")
+            if args.with_norm:
+                fn = lambda a, w, c=cfg, g=gamma: skinny_linear(rms_norm(a, g, 1e-6), w, c)  # noqa: E731
+            else:
+                fn = lambda a, w, c=cfg: skinny_linear(a, w, c)  # noqa: E731
+            times[label].append(time_us(fn, weights, x))
+        pdl.enable(False, "cuda")
+        n_tiles, split_k, _ = launch_grid(n, k, base)
+        floor_us = n * k * 2 / bw * 1e6
+        rows.append({"shape": name, "N": n, "K": k, "M": m, "config": dataclasses.asdict(base),
+                     "programs": n_tiles * split_k, "floor_us": floor_us, "with_norm": args.with_norm,
+                     "us": times})
+        cells = "  ".join(f"{lab} {sum(t) / 2:6.2f}" for lab, t in times.items())
+        print(f"{name:<28} M={m:<3} {n_tiles * split_k:>5} programs floor {floor_us:6.2f}  {cells}")
+    save(args, bw, rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", default="1,4,16,64")
@@ -110,7 +151,12 @@ def main() -> None:
                    help="launch the skinny kernels with programmatic dependent launch, as the engine does on Hopper")
     p.add_argument("--pdl-ab", action="store_true", help="only the picked tile, PDL off / on / off / on (interleaved) "
                    "per shape and M: does PDL slow a grid of several waves?")
+    p.add_argument("--chain-ab", action="store_true", help="only the picked tile: PDL off, on, and on with a late "
+                   "trigger and/or an L2 weight prefetch before the wait (interleaved), per shape and M")
+    p.add_argument("--with-norm", action="store_true", help="--chain-ab: our RMSNorm kernel before every GEMM")
     args = p.parse_args()
+    if args.chain_ab:
+        return chain_ab(args)
     if args.pdl_ab:
         return pdl_ab(args)
     pdl.enable(args.pdl, "cuda")

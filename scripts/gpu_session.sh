@@ -79,6 +79,18 @@ for stage in "$@"; do
             --output "$LOGS/router-ab-$rep-$r.json"
         done
       done ;;
+    overlap-ab) # the engine as is against OVERLAP_FLAGS (e.g. "--skinny-late-trigger --skinny-prefetch 128"),
+                # interleaved REPS times, 35B-A3B then 9B at N = 1 and 16
+      for preset in qwen3.5-35b-a3b qwen3.5-9b; do
+        for rep in $(seq "${REPS:-2}"); do
+          for v in base overlap; do
+            run "overlap-ab-$preset-$rep-$v" python3 -m deltaserve.cli bench offline --preset "$preset" \
+              $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) \
+              $([ "$v" = overlap ] && echo ${OVERLAP_FLAGS:?}) --batch 1,16 --output-len 128 --max-num-seqs 16 \
+              --output "$LOGS/overlap-ab-$preset-$rep-$v.json"
+          done
+        done
+      done ;;
     dense-ab) flag_ab dense-ab skinny-dense ;;  # the dense MLP and the MoE router GEMM on the skinny GEMM
     offline9b-x3) for rep in 1 2 3; do run "offline9b-$rep" python3 -m deltaserve.cli bench offline --preset qwen3.5-9b \
                     --batch 1,2,4,8,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/offline9b-$rep.json"; done ;;
@@ -166,6 +178,12 @@ for stage in "$@"; do
           for f in "$LOGS"/*.tail; do echo "--- ${f##*/}"; cat "$f"; done ;;
     gemv-inproj64) run gemv-inproj64 python3 scripts/bench_gemv.py --shapes "GDN in_proj" --m 32,64 --wide --pdl \
                      --output "$LOGS/gemv-inproj64.json" ;;
+    gemv-chain) # PDL off / on / late trigger / L2 weight prefetch before the wait, in chains of 24 GEMMs
+      run gemv-chain python3 scripts/bench_gemv.py --chain-ab --m "${CHAIN_M:-1,16}" --output "$LOGS/gemv-chain.json" ;;
+    gemv-chain-norm) # the same, with our RMSNorm kernel before every GEMM (the engine's order for the in_proj)
+      run gemv-chain-norm python3 scripts/bench_gemv.py --chain-ab --with-norm --m 1 --shapes "GDN in_proj,GDN out_proj" \
+        --output "$LOGS/gemv-chain-norm.json" ;;
+    gpu-skinny) run gpu-skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;
     gemv-pdl) run gemv-pdl python3 scripts/bench_gemv.py --pdl-ab --m 1,16 --output "$LOGS/gemv-pdl.json" ;;
     gemv-inproj) run gemv-inproj python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj" --m 1,16,64 --split --pdl \
                    --output "$LOGS/gemv-inproj.json" ;;

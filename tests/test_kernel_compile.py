@@ -31,11 +31,13 @@ SCRIPT = textwrap.dedent(
     SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
            "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     out = []
-    for pdl, split in json.loads(sys.argv[1]):
+    for pdl, split, late, prefetch in json.loads(sys.argv[1]):
         consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "EVEN_K": True, "SPLIT_K": split,
-                  "PRECISION": "tf32", "PDL": pdl}
+                  "PRECISION": "tf32", "PDL": pdl, "LATE_TRIGGER": late, "PREFETCH_K": prefetch, "LINE": 64}
+        # pointers and sizes 16-divisible, as Triton specialises them at a real launch: vectorised, pipelined
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n not in ("M",)}
         src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
-                        constexprs=consts)
+                        constexprs=consts, attrs=attrs)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
         # opcodes in order, predicates stripped; only what touches global memory or orders launches
         ops = re.findall(r"^\\s*(?:@!?%p\\d+\\s+)?([a-z][\\w.]*)", ptx, re.M)
@@ -46,7 +48,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _compiled_ops(variants: list[tuple[bool, int]]) -> list[list[str]]:
+def _compiled_ops(variants: list[tuple[bool, int, bool, int]]) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(variants)], capture_output=True, text=True, env=env,
                        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,12 +57,22 @@ def _compiled_ops(variants: list[tuple[bool, int]]) -> list[list[str]]:
 
 
 def test_skinny_gemm_pdl_variants_compile_for_sm90_in_the_right_order():
-    # (PDL, split-K)
-    plain, pdl, pdl_split = _compiled_ops([(False, 1), (True, 1), (True, 4)])
+    # (PDL, split-K, late trigger, prefetch columns)
+    plain, pdl, pdl_split, late, late_split, prefetch = _compiled_ops(
+        [(False, 1, False, 0), (True, 1, False, 0), (True, 4, False, 0), (True, 1, True, 0), (True, 4, True, 0),
+         (True, 1, True, 256)])
     assert not any(o.startswith("griddepcontrol") for o in plain)
-    for ops in (pdl, pdl_split):
+    for ops in (pdl, pdl_split, late, late_split, prefetch):
         wait = ops.index("griddepcontrol.wait")
-        assert ops[wait + 1] == "griddepcontrol.launch_dependents"
-        assert ops[:wait] == []  # no global memory touched before the wait
+        if ops is prefetch:  # only weight hints before the wait: 32 rows x 4 lines over 128 threads
+            assert ops[:wait] and set(ops[:wait]) == {"prefetch.global.L2"}
+        else:
+            assert ops[:wait] == []  # no global memory touched before the wait
         assert any(o.startswith(("ld.global", "cp.async")) for o in ops[wait:])  # the real loads come after
+        trigger = ops.index("griddepcontrol.launch_dependents")
+        if ops in (pdl, pdl_split):
+            assert trigger == wait + 1
+        else:  # late: every load of the K loop is issued before the next kernel may launch
+            assert not any(o.startswith(("ld.global", "cp.async")) for o in ops[trigger:] if ".cg" not in o)
+            assert any(o.startswith("st.global") for o in ops[trigger:])
     assert any(o.startswith("atom.") for o in pdl_split)  # the split-K arrival counter

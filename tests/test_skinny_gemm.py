@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 
@@ -170,6 +171,34 @@ def test_pdl_defaults_to_where_it_can_run_and_is_refused_elsewhere():
         EngineConfig(device="cpu", pdl=True)
     assert EngineConfig(device="cpu").pdl is False and EngineConfig(device="cpu", pdl=False).pdl is False
     assert "pdl" not in EngineConfig(device="cpu").non_defaults()
+    with pytest.raises(ConfigError, match="skinny_late_trigger=True is invalid: .*needs PDL"):
+        EngineConfig(device="cpu", skinny_late_trigger=True)
+    with pytest.raises(ConfigError, match="skinny_prefetch=128 is invalid: .*needs PDL"):
+        EngineConfig(device="cpu", skinny_prefetch=128)
+    with pytest.raises(ConfigError, match="skinny_prefetch=100 is invalid: use 0 .*power of two"):
+        EngineConfig(device="cpu", skinny_prefetch=100)
+
+
+def test_process_wide_overlap_applies_to_picked_tiles_only(kernel_device, monkeypatch):
+    """``set_pdl_overlap`` (the engine's --skinny-late-trigger / --skinny-prefetch) reaches the launches
+    that take pick_config's tile, not those given a config; without PDL the result is unchanged."""
+    import deltaserve.ops.skinny_gemm as sg
+
+    seen = []
+    real = sg.launch_grid
+    monkeypatch.setattr(sg, "launch_grid", lambda N, K, cfg: seen.append(cfg) or real(N, K, cfg))
+    x = _rand(2, 256, dtype=torch.float32, device=kernel_device)
+    w = _rand(40, 256, dtype=torch.float32, device=kernel_device, seed=1)
+    want = skinny_linear(x, w)
+    sg.set_pdl_overlap(True, 128)
+    try:
+        torch.testing.assert_close(skinny_linear(x, w), want, rtol=0, atol=0)
+        skinny_linear(x, w, GemvConfig(block_k=64))
+    finally:
+        sg.set_pdl_overlap(False, 0)
+    assert [(c.late_trigger, c.prefetch_k) for c in seen] == [(False, 0), (True, 128), (False, 0)]
+    with pytest.raises(ValueError, match="prefetch_k=48"):
+        sg.set_pdl_overlap(True, 48)
 
 
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():
@@ -240,3 +269,47 @@ def test_split_k_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         for got, ref in zip(outs, want):
             torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_prefetch_columns_must_be_whole_lines():
+    for bad in (32, 96, 100):
+        with pytest.raises(ValueError, match=f"prefetch_k={bad} must be 0 or a power of two >= 64"):
+            GemvConfig(prefetch_k=bad)
+    assert GemvConfig(prefetch_k=256, late_trigger=True).prefetch_k == 256
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("late,prefetch", [(True, 0), (False, 128), (True, 256), (True, 4096)])
+def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chain(late, prefetch):
+    """Under PDL, a late trigger and L2 prefetches before the wait change only timing: a graph of GEMMs
+    where each one's input is the previous one's output (plain, split-K and a wide grid) gives the
+    same bits as the engine's default launch, replay after replay."""
+    from deltaserve.ops import pdl
+
+    if pdl.unavailable("cuda"):
+        pytest.skip(pdl.unavailable("cuda"))
+    ws = [_rand(n, 2048, dtype=torch.bfloat16, device="cuda", seed=s) * 0.02
+          for s, n in enumerate((2048, 12352, 2048, 4096))]
+    x = _rand(3, 2048, dtype=torch.bfloat16, device="cuda", seed=9)
+
+    def chain(variant: bool):
+        h = x
+        for w in ws:
+            base = pick_config(h.shape[0], w.shape[0], w.shape[1])
+            cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=prefetch) if variant else base
+            h = skinny_linear(h, w, cfg)[:, :2048]
+        return h
+
+    pdl.enable(True, "cuda")
+    try:
+        want = chain(False).clone()
+        chain(True)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(True)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        pdl.enable(False, "cuda")

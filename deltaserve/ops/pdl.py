@@ -70,8 +70,27 @@ def launch_args() -> dict:
 if triton is not None:
 
     @triton.jit
-    def pdl_gate(PDL: tl.constexpr):
-        """First statement of a kernel: wait for the previous kernel's writes, then let the next launch."""
+    def pdl_wait(PDL: tl.constexpr):
+        """Wait until the previous kernel has finished and its writes are visible (a no-op without PDL)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def pdl_trigger(PDL: tl.constexpr):
+        """Let the next kernel of the stream launch once every program of this one has come here (or ended)."""
+        if PDL:
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_gate(PDL: tl.constexpr):
+        """First statement of a kernel: wait for the previous kernel's writes, then let the next launch."""
+        pdl_wait(PDL)
+        pdl_trigger(PDL)
+
+    @triton.jit
+    def prefetch_l2(ptrs):
+        """Ask for the 128-byte lines at ``ptrs`` (valid addresses) to be brought into L2: a hint, nothing
+        waited for. Only for data the previous kernel does not write (weights), so it may precede
+        :func:`pdl_wait`."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)

@@ -16,6 +16,7 @@ round once on the store. :func:`skinny_linear_ref` is the reference (``torch.nn.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.ops.arrival import counters
-from deltaserve.ops.pdl import launch_args, pdl_gate
+from deltaserve.ops.pdl import launch_args, pdl_trigger, pdl_wait, prefetch_l2
 
 MAX_M = 64
 
@@ -39,8 +40,27 @@ class GemvConfig:
     # fill the card (the 2048-row out_proj: 32 tiles of 64 rows for 132 SMs). Each writes an fp32 partial;
     # the last to finish (an atomic counter per tile) sums the partials in split order and stores y.
     split_k: int = 1
+    # Under PDL only (bench_gemv.py --chain-ab measures them; the defaults are what the engine runs):
+    # late_trigger lets the next kernel launch after this one's K loop instead of at its start, and
+    # prefetch_k asks for the first prefetch_k columns of this program's weight rows in L2 before it
+    # waits for the previous kernel, so that the weight stream starts during that kernel's tail.
+    late_trigger: bool = False
+    prefetch_k: int = 0
+
+    def __post_init__(self):
+        if self.prefetch_k and (self.prefetch_k & (self.prefetch_k - 1) or self.prefetch_k < 64):
+            raise ValueError(f"prefetch_k={self.prefetch_k} must be 0 or a power of two >= 64 (columns)")
 
 
+
+_overlap = {"late_trigger": False, "prefetch_k": 0}
+
+
+def set_pdl_overlap(late_trigger: bool, prefetch_k: int) -> None:
+    """Process-wide: the ``late_trigger`` / ``prefetch_k`` of every launch that takes :func:`pick_config`'s
+    tile (the engine's, from ``--skinny-late-trigger`` / ``--skinny-prefetch``; no effect without PDL)."""
+    GemvConfig(late_trigger=late_trigger, prefetch_k=prefetch_k)  # validates
+    _overlap.update(late_trigger=late_trigger, prefetch_k=prefetch_k)
 
 
 def pick_config(M: int, N: int, K: int) -> GemvConfig:
@@ -66,19 +86,26 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
+    PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
 ):  # fmt: skip
-    pdl_gate(PDL)
     # Program (pid, pid_k): rows [pid * BLOCK_N, +BLOCK_N) of y over K in [pid_k * K_SPLIT, +K_SPLIT).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if PDL and PREFETCH_K > 0:  # weights only (the previous kernel never writes them), one hint per LINE columns
+        offs_pf = k_lo + tl.arange(0, PREFETCH_K // LINE) * LINE
+        pf_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_pf[None, :]
+        prefetch_l2(tl.where(n_ok[:, None] & (offs_pf < k_hi)[None, :], pf_ptrs, w_ptr))
+    pdl_wait(PDL)  # x may come from the previous kernel: nothing but weight hints before this
+    if not LATE_TRIGGER:
+        pdl_trigger(PDL)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
-    n_ok = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k_lo + offs_k)[None, :]  # [BN, BK], K contiguous
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -96,6 +123,8 @@ def _skinny_gemm_kernel(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if LATE_TRIGGER:  # only the stores are left: the next kernel's launch overlaps them
+        pdl_trigger(PDL)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
@@ -135,10 +164,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     for name, t in (("x", x), ("w", w)):
         if t.stride(1) != 1:
             raise ValueError(f"{name} needs unit stride along K (call .contiguous() first)")
-    cfg = config or pick_config(M, N, K)
+    cfg = config or dataclasses.replace(pick_config(M, N, K), **_overlap)
     y = x.new_empty(M, N)
     block_m = max(16, triton.next_power_of_2(M))
     n_tiles, split_k, k_split = launch_grid(N, K, cfg)
+    line = 128 // w.element_size()  # columns per 128-byte line: prefetch_k >= 64 covers whole lines of any dtype
     if split_k > 1:
         ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), counters(x.device, n_tiles)
     else:
@@ -146,7 +176,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     _skinny_gemm_kernel[(n_tiles, split_k)](
         x, w, y, ws, cnt, M, N, K, k_split, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
-        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=cfg.late_trigger,
+        PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y

@@ -62,8 +62,10 @@ class EngineConfig:
     pdl: bool | None = _f(None, "Programmatic dependent launch for deltaserve's Triton kernels: each kernel's launch "
                                 "overlaps the previous kernel's execution (2-4% faster decode, H200). Default: on "
                                 "where it can run (CUDA, compute capability >= 9.0, not Triton's interpreter).")
-    skinny_late_trigger: bool = _f(False, "With PDL: the skinny GEMM lets the next kernel launch after its K loop "
-                                          "instead of at its start (measured in docs/perf/2026-11-29.md).")
+    pdl_late_trigger: bool | None = _f(None, "With PDL: the GEMM kernels (skinny GEMM, MoE experts) let the next "
+                                             "kernel launch after their K loop instead of at their start. Default: "
+                                             "for grids of > 512 programs only (docs/perf/2026-11-29.md); "
+                                             "--pdl-late-trigger / --no-pdl-late-trigger force it.")
     skinny_prefetch: int = _f(0, "With PDL: the skinny GEMM asks for the first N columns of its weight rows in L2 "
                                  "before it waits on the previous kernel (0: off; a power of two >= 64).")
     enforce_eager: bool = _f(False, "Never use CUDA graphs.")
@@ -129,8 +131,8 @@ class EngineConfig:
         p = self.skinny_prefetch
         self._check(p == 0 or (p & (p - 1) == 0 and p >= 64), "skinny_prefetch", p,
                     "use 0 (off) or a power of two >= 64")
-        for name in ("skinny_prefetch", "skinny_late_trigger"):
-            self._check(not getattr(self, name) or self.pdl, name, getattr(self, name),
+        for name in ("skinny_prefetch", "pdl_late_trigger"):
+            self._check(getattr(self, name) in (None, False, 0) or self.pdl, name, getattr(self, name),
                         "it changes only how a kernel overlaps its neighbours under PDL: it needs PDL (a Hopper "
                         "GPU, without --no-pdl)")
 

@@ -151,6 +151,8 @@ def main() -> None:
                    help="launch the skinny kernels with programmatic dependent launch, as the engine does on Hopper")
     p.add_argument("--pdl-ab", action="store_true", help="only the picked tile, PDL off / on / off / on (interleaved) "
                    "per shape and M: does PDL slow a grid of several waves?")
+    p.add_argument("--late", action="store_true", help="with --pdl: try every tile with the early and the late "
+                   "PDL trigger")
     p.add_argument("--chain-ab", action="store_true", help="only the picked tile: PDL off, on, and on with a late "
                    "trigger and/or an L2 weight prefetch before the wait (interleaved), per shape and M")
     p.add_argument("--with-norm", action="store_true", help="--chain-ab: our RMSNorm kernel before every GEMM")
@@ -168,6 +170,8 @@ def main() -> None:
         cublas = time_us(F.linear, weights, x)
         default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
         grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
+        if args.late:  # every tile with the PDL trigger at the start and after the K loop
+            grid = [dataclasses.replace(c, late_trigger=late) for c in grid for late in (False, True)]
         tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
         best = min(tried, key=tried.get)
         rows.append({"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,

@@ -147,6 +147,25 @@ def sweep_router(case: Case, top: int) -> None:
         print(f"    {us:7.1f} us  {cfg}")
 
 
+def pdl_ab(layers: list[Layer], Ts: list[int], k: int) -> None:
+    """The experts and the whole block (router + experts) with PDL off, on with every kernel's trigger at
+    its start, and on with the trigger after the main loop (interleaved, forwards then backwards)."""
+    from deltaserve.ops import pdl
+
+    variants = [("no PDL", False, None), ("early", True, False), ("late", True, True)]
+    print(f"{'T':>4} " + "  ".join(f"{v[0] + ' experts/block us':>26}" for v in variants))
+    for T in Ts:
+        case = Case(layers, T, k, seed=T)
+        times = {v[0]: [] for v in variants}
+        for name, on, late in variants + variants[::-1]:
+            pdl.enable(on, "cuda", late)
+            times[name].append((case.experts(), case.block()))
+        pdl.enable(False, "cuda")
+        cells = "  ".join(f"{sum(t[0] for t in ts) / 2:>12.2f} / {sum(t[1] for t in ts) / 2:>9.2f}"
+                          for ts in times.values())
+        print(f"{T:>4} {cells}", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3.5-35b-a3b", choices=list(SHAPES))
@@ -154,11 +173,16 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8, help="distinct layers per graph (35B: 1.6 GB each)")
     p.add_argument("--sweep", action="store_true", help="also sweep GEMV tiles (T <= 4) and router tiles")
     p.add_argument("--top", type=int, default=5, help="rows per sweep")
+    p.add_argument("--pdl-ab", action="store_true", help="only: PDL off / early trigger / late trigger, interleaved")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe times CUDA graphs and needs a CUDA device; none is visible")
     H, E, k, I = SHAPES[args.shape]
     layers = [Layer(H, E, I, seed) for seed in range(args.layers)]
+    if args.pdl_ab:
+        print(f"{torch.cuda.get_device_name()} {args.shape}: {args.layers} layers/graph, us per layer")
+        pdl_ab(layers, [int(t) for t in args.T.split(",")], k)
+        return 0
     bw = measure_copy_bandwidth("cuda")
     name = torch.cuda.get_device_name()
     peak = next((v for key, v in PEAK_BYTES_PER_S.items() if key in name), None)

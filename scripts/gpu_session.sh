@@ -56,7 +56,9 @@ for stage in "$@"; do
     gpu-next) # the GPU tests of what changed since the last device session: PDL and the skinny dense GEMMs in
               # the engine (tokens and logprobs against the plain path)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
-        tests/test_engine_gpu.py -k "test_skinny_gemm or pdl_gives or skinny_dense_matches" ;;
+        tests/test_fused_moe_gpu.py tests/test_engine_gpu.py \
+        -k "test_skinny_gemm or fused_moe_gpu or pdl_gives or pdl_late or skinny_dense_matches" ;;
+    moe-pdl) run moe-pdl python3 scripts/bench_moe.py --pdl-ab --T 1,4,16 ;;
     pdl-ab) # programmatic dependent launch off and on, interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
       for rep in 1 2; do
         for flag in --no-pdl --pdl; do
@@ -183,6 +185,11 @@ for stage in "$@"; do
     gemv-chain-norm) # the same, with our RMSNorm kernel before every GEMM (the engine's order for the in_proj)
       run gemv-chain-norm python3 scripts/bench_gemv.py --chain-ab --with-norm --m 1 --shapes "GDN in_proj,GDN out_proj" \
         --output "$LOGS/gemv-chain-norm.json" ;;
+    gemv-late) # the in_proj tile sweep with every tile under both PDL triggers
+      run gemv-late python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj,122B" --m 1,16,32,64 --wide --pdl --late \
+        --output "$LOGS/gemv-late.json" ;;
+    tests-late) run tests-late python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
+                  -k pdl_late ;;
     gpu-skinny) run gpu-skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;
     gemv-pdl) run gemv-pdl python3 scripts/bench_gemv.py --pdl-ab --m 1,16 --output "$LOGS/gemv-pdl.json" ;;
     gemv-inproj) run gemv-inproj python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj" --m 1,16,64 --split --pdl \

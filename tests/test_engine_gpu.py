@@ -219,6 +219,30 @@ def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
+def test_pdl_late_trigger_and_prefetch_give_the_same_tokens_and_logprobs(tmp_path, kind):
+    """Where the GEMM kernels (skinny, MoE experts) let the next kernel launch, and the skinny GEMM's L2
+    prefetch before its wait, change timing only: every launch early (False) against every launch late
+    with a prefetch (True), bf16, bit-identical tokens and logprobs."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    d = _tiny_or_hf(tmp_path, kind, "bfloat16", seed=7)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    outs = {}
+    for late in (False, True):
+        llm = LLM(str(d), dtype="bfloat16", max_num_seqs=4, gpu_memory_utilization=0.3, pdl=True,
+                  pdl_late_trigger=late, skinny_prefetch=128 if late else 0)
+        outs[late] = llm.generate(prompts, params)
+        llm.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    for a, b in zip(outs[False], outs[True]):
+        assert b.token_ids == a.token_ids
+        assert [x["logprob"] for x in b.logprobs] == [x["logprob"] for x in a.logprobs]
+
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
 def test_skinny_dense_matches_cublas(tmp_path, kind):
     """``--skinny-dense`` (the dense MLP and the MoE router GEMM on the skinny GEMM) computes what cuBLAS
     computes: fp32, decode graphs at 1..4 sequences, the same tokens and logprobs within 1e-3."""

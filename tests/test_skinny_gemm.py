@@ -171,34 +171,64 @@ def test_pdl_defaults_to_where_it_can_run_and_is_refused_elsewhere():
         EngineConfig(device="cpu", pdl=True)
     assert EngineConfig(device="cpu").pdl is False and EngineConfig(device="cpu", pdl=False).pdl is False
     assert "pdl" not in EngineConfig(device="cpu").non_defaults()
-    with pytest.raises(ConfigError, match="skinny_late_trigger=True is invalid: .*needs PDL"):
-        EngineConfig(device="cpu", skinny_late_trigger=True)
+    with pytest.raises(ConfigError, match="pdl_late_trigger=True is invalid: .*needs PDL"):
+        EngineConfig(device="cpu", pdl_late_trigger=True)
     with pytest.raises(ConfigError, match="skinny_prefetch=128 is invalid: .*needs PDL"):
         EngineConfig(device="cpu", skinny_prefetch=128)
     with pytest.raises(ConfigError, match="skinny_prefetch=100 is invalid: use 0 .*power of two"):
         EngineConfig(device="cpu", skinny_prefetch=100)
 
 
-def test_process_wide_overlap_applies_to_picked_tiles_only(kernel_device, monkeypatch):
-    """``set_pdl_overlap`` (the engine's --skinny-late-trigger / --skinny-prefetch) reaches the launches
-    that take pick_config's tile, not those given a config; without PDL the result is unchanged."""
+def test_late_trigger_and_prefetch_reach_the_launch(kernel_device, monkeypatch):
+    """The trigger follows pdl.late_trigger (by grid size unless forced) where the tile leaves it open, and
+    the process-wide prefetch (the engine's --skinny-prefetch) reaches launches that take pick_config's
+    tile, not those given a config; without PDL the result does not change."""
     import deltaserve.ops.skinny_gemm as sg
+    from deltaserve.ops import pdl
 
-    seen = []
-    real = sg.launch_grid
-    monkeypatch.setattr(sg, "launch_grid", lambda N, K, cfg: seen.append(cfg) or real(N, K, cfg))
+    seen, real = [], sg._skinny_gemm_kernel
+
+    class Recorder:  # records the grid and constexprs of each launch, then launches
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((grid[0] * grid[1], kw["LATE_TRIGGER"], kw["PREFETCH_K"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(sg, "_skinny_gemm_kernel", Recorder())
     x = _rand(2, 256, dtype=torch.float32, device=kernel_device)
     w = _rand(40, 256, dtype=torch.float32, device=kernel_device, seed=1)
     want = skinny_linear(x, w)
-    sg.set_pdl_overlap(True, 128)
+    sg.set_pdl_prefetch(128)
+    monkeypatch.setattr(pdl, "LATE_TRIGGER_PROGRAMS", 1)  # any grid of 2 or more programs counts as large
     try:
         torch.testing.assert_close(skinny_linear(x, w), want, rtol=0, atol=0)
-        skinny_linear(x, w, GemvConfig(block_k=64))
+        skinny_linear(x, w, GemvConfig(block_k=64, late_trigger=False))
     finally:
-        sg.set_pdl_overlap(False, 0)
-    assert [(c.late_trigger, c.prefetch_k) for c in seen] == [(False, 0), (True, 128), (False, 0)]
+        sg.set_pdl_prefetch(0)
+    assert seen == [(4, False, 0), (4, True, 128), (2, False, 0)]  # 2 row tiles x split 2, then 2 x 1
     with pytest.raises(ValueError, match="prefetch_k=48"):
-        sg.set_pdl_overlap(True, 48)
+        sg.set_pdl_prefetch(48)
+
+
+def test_late_trigger_by_grid_size_unless_forced(monkeypatch):
+    """Measured in chains of GEMMs under PDL (H200): the early trigger lets the next grid's programs take
+    the SMs that a large grid's later programs need (9B gate_up 64 vs 48 us); small grids gain from it."""
+    from deltaserve.ops import pdl
+    from deltaserve.ops.skinny_gemm import launch_grid
+
+    def programs(M, N, K):
+        tiles, split, _ = launch_grid(N, K, pick_config(M, N, K))
+        return tiles * split
+
+    assert pdl.late_trigger(programs(1, 24576, 4096))  # 9B MLP gate_up, 768 programs
+    assert pdl.late_trigger(programs(16, 20608, 3072))  # 122B-A10B GDN in_proj, 644
+    assert not pdl.late_trigger(programs(1, 12352, 2048))  # 35B-A3B GDN in_proj, 386
+    assert not pdl.late_trigger(programs(1, 2048, 4096))  # out_proj, 32 tiles x split 4
+    monkeypatch.setattr(pdl, "_late_trigger", False)
+    assert not pdl.late_trigger(10_000)
+    monkeypatch.setattr(pdl, "_late_trigger", True)
+    assert pdl.late_trigger(1)
 
 
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():

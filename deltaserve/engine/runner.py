@@ -70,12 +70,14 @@ class ModelRunner:
             prepare(self.device)
         from deltaserve.ops import pdl, skinny_gemm
 
-        pdl.enable(cfg.pdl, self.device if on_gpu else None)  # process-wide, for every launch from here on
-        skinny_gemm.set_pdl_overlap(cfg.skinny_late_trigger, cfg.skinny_prefetch)
+        # process-wide, for every launch from here on
+        pdl.enable(cfg.pdl, self.device if on_gpu else None, cfg.pdl_late_trigger)
+        skinny_gemm.set_pdl_prefetch(cfg.skinny_prefetch)
         if on_gpu:
+            late = {None: "for grids of > 512 programs", True: "always", False: "never"}[cfg.pdl_late_trigger]
             logger.info("programmatic dependent launch %s%s", "on" if cfg.pdl else "off",
-                        f" (skinny GEMM: late trigger {cfg.skinny_late_trigger}, prefetch {cfg.skinny_prefetch} "
-                        "columns)" if cfg.skinny_late_trigger or cfg.skinny_prefetch else "")
+                        f" (late trigger {late}; skinny GEMM prefetch {cfg.skinny_prefetch} columns)" if cfg.pdl
+                        else "")
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.ops.pdl import launch_args, pdl_gate
+from deltaserve.ops import pdl
+from deltaserve.ops.pdl import launch_args, pdl_gate, pdl_trigger, pdl_wait
 
 # Workspaces go through this hook so that tests can hand out poisoned (NaN / garbage) buffers and
 # prove that nothing is read before it is written.
@@ -214,9 +215,12 @@ def _w13_silu_kernel(
     stride_xt, stride_we, stride_wn, stride_it,
     H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    LATE_TRIGGER: tl.constexpr,
 ):  # fmt: skip
     """inter[pair, n] = silu(x[token] · w13[e, n]) · (x[token] · w13[e, I + n]) for the block's pairs."""
-    pdl_gate(PDL)
+    pdl_wait(PDL)
+    if not LATE_TRIGGER:
+        pdl_trigger(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
@@ -249,6 +253,8 @@ def _w13_silu_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
+    if LATE_TRIGGER:  # only the epilogue is left
+        pdl_trigger(PDL)
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # SwiGLU in fp32, rounded once on the store
     i_ptrs = inter_ptr + pair.to(tl.int64)[:, None] * stride_it + offs_n[None, :]
     tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -261,9 +267,12 @@ def _w2_kernel(
     stride_it, stride_we, stride_wn, stride_ot,
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    LATE_TRIGGER: tl.constexpr,
 ):  # fmt: skip
     """out_k[pair, n] = w[pair] · (inter[pair] · w2[e, n]) for the block's pairs."""
-    pdl_gate(PDL)
+    pdl_wait(PDL)
+    if not LATE_TRIGGER:
+        pdl_trigger(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
@@ -290,6 +299,8 @@ def _w2_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if LATE_TRIGGER:  # only the epilogue is left
+        pdl_trigger(PDL)
     w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     o_ptrs = out_ptr + pair64[:, None] * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, (acc * w[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -300,10 +311,12 @@ def _gemv_w13_silu_kernel(
     x_ptr, w13_ptr, inter_ptr, ids_ptr,
     stride_xt, stride_we, stride_wn, stride_it,
     H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr, PDL: tl.constexpr,
+    EVEN: tl.constexpr, PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
 ):  # fmt: skip
     """Grid (T·k, I / BLOCK_N): inter[pair, n] = silu(w13[e, n] · x[t]) · (w13[e, I + n] · x[t])."""
-    pdl_gate(PDL)
+    pdl_wait(PDL)
+    if not LATE_TRIGGER:
+        pdl_trigger(PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     token = (pair // TOP_K).to(tl.int64)
@@ -332,6 +345,8 @@ def _gemv_w13_silu_kernel(
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
+    if LATE_TRIGGER:  # only the epilogue is left
+        pdl_trigger(PDL)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(inter_ptr + pair * stride_it + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_ok)
 
@@ -341,14 +356,16 @@ def _gemv_w2_kernel(
     inter_ptr, w2_ptr, out_ptr, weights_ptr, ids_ptr,
     stride_it, stride_we, stride_wn, stride_ot,
     H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
 ):  # fmt: skip
     """Grid (T, H / BLOCK_N): out[t, n] = sum_j w[t, j] · (w2[e_j, n] · inter[t·k + j]), in one program.
 
     The k experts' tiles are one ``[K_PAD, BLOCK_N, BLOCK_K]`` load, so all their reads are in flight
     at once (a loop over the experts would wait for each in turn); slots past k are masked off.
     """
-    pdl_gate(PDL)
+    pdl_wait(PDL)
+    if not LATE_TRIGGER:
+        pdl_trigger(PDL)
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_j = tl.arange(0, K_PAD)
@@ -374,6 +391,8 @@ def _gemv_w2_kernel(
         acc += tl.sum(b.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if LATE_TRIGGER:  # only the epilogue is left
+        pdl_trigger(PDL)
     out = tl.sum(acc * w[:, None], axis=0)  # [BN]: the k-sum, in slot order
     tl.store(out_ptr + t * stride_ot + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -387,12 +406,14 @@ def _fused_moe_gemv(x, w13, w2, topk_weights, topk_ids, cfg: MoeConfig) -> torch
     _gemv_w13_silu_kernel[(T * k, triton.cdiv(I, cfg.block_n1))](
         x, w13, inter, topk_ids, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         H=H, I=I, TOP_K=k, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
-        EVEN=H % cfg.block_k1 == 0 and I % cfg.block_n1 == 0, num_warps=cfg.num_warps, **launch_args(),
+        EVEN=H % cfg.block_k1 == 0 and I % cfg.block_n1 == 0, num_warps=cfg.num_warps,
+        LATE_TRIGGER=pdl.late_trigger(T * k * triton.cdiv(I, cfg.block_n1)), **launch_args(),
     )  # fmt: skip
     _gemv_w2_kernel[(T, triton.cdiv(H, cfg.block_n2))](
         inter, w2, out, topk_weights, topk_ids, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         H=H, I=I, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        EVEN=I % cfg.block_k2 == 0 and H % cfg.block_n2 == 0, num_warps=cfg.num_warps, **launch_args(),
+        EVEN=I % cfg.block_k2 == 0 and H % cfg.block_n2 == 0, num_warps=cfg.num_warps,
+        LATE_TRIGGER=pdl.late_trigger(T * triton.cdiv(H, cfg.block_n2)), **launch_args(),
     )  # fmt: skip
     return out
 
@@ -428,13 +449,15 @@ def fused_moe_triton(
         x, w13, inter, sorted_ids, expert_ids, num_post, M,
         x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         H=H, I=I, TOP_K=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
-        EVEN_K=H % cfg.block_k1 == 0, EVEN_N=I % cfg.block_n1 == 0, **launch, **launch_args(),
+        EVEN_K=H % cfg.block_k1 == 0, EVEN_N=I % cfg.block_n1 == 0,
+        LATE_TRIGGER=pdl.late_trigger(max_blocks * triton.cdiv(I, cfg.block_n1)), **launch, **launch_args(),
     )  # fmt: skip
     _w2_kernel[(max_blocks, triton.cdiv(H, cfg.block_n2))](
         inter, w2, out_k, topk_weights.reshape(-1), sorted_ids, expert_ids, num_post, M,
         inter.stride(0), w2.stride(0), w2.stride(1), out_k.stride(0),
         H=H, I=I, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        EVEN_K=I % cfg.block_k2 == 0, EVEN_N=H % cfg.block_n2 == 0, **launch, **launch_args(),
+        EVEN_K=I % cfg.block_k2 == 0, EVEN_N=H % cfg.block_n2 == 0,
+        LATE_TRIGGER=pdl.late_trigger(max_blocks * triton.cdiv(H, cfg.block_n2)), **launch, **launch_args(),
     )  # fmt: skip
     if k == 1:
         return out_k

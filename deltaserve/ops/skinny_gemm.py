@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from deltaserve.ops import pdl
 from deltaserve.ops.arrival import counters
 from deltaserve.ops.pdl import launch_args, pdl_trigger, pdl_wait, prefetch_l2
 
@@ -44,7 +45,7 @@ class GemvConfig:
     # late_trigger lets the next kernel launch after this one's K loop instead of at its start, and
     # prefetch_k asks for the first prefetch_k columns of this program's weight rows in L2 before it
     # waits for the previous kernel, so that the weight stream starts during that kernel's tail.
-    late_trigger: bool = False
+    late_trigger: bool | None = None  # None: pdl.late_trigger(programs), by grid size
     prefetch_k: int = 0
 
     def __post_init__(self):
@@ -53,14 +54,15 @@ class GemvConfig:
 
 
 
-_overlap = {"late_trigger": False, "prefetch_k": 0}
+_prefetch_k = 0
 
 
-def set_pdl_overlap(late_trigger: bool, prefetch_k: int) -> None:
-    """Process-wide: the ``late_trigger`` / ``prefetch_k`` of every launch that takes :func:`pick_config`'s
-    tile (the engine's, from ``--skinny-late-trigger`` / ``--skinny-prefetch``; no effect without PDL)."""
-    GemvConfig(late_trigger=late_trigger, prefetch_k=prefetch_k)  # validates
-    _overlap.update(late_trigger=late_trigger, prefetch_k=prefetch_k)
+def set_pdl_prefetch(prefetch_k: int) -> None:
+    """Process-wide ``prefetch_k`` for every launch that takes :func:`pick_config`'s tile (the engine's
+    ``--skinny-prefetch``; no effect without PDL)."""
+    global _prefetch_k
+    GemvConfig(prefetch_k=prefetch_k)  # validates
+    _prefetch_k = prefetch_k
 
 
 def pick_config(M: int, N: int, K: int) -> GemvConfig:
@@ -164,11 +166,12 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     for name, t in (("x", x), ("w", w)):
         if t.stride(1) != 1:
             raise ValueError(f"{name} needs unit stride along K (call .contiguous() first)")
-    cfg = config or dataclasses.replace(pick_config(M, N, K), **_overlap)
+    cfg = config or dataclasses.replace(pick_config(M, N, K), prefetch_k=_prefetch_k)
     y = x.new_empty(M, N)
     block_m = max(16, triton.next_power_of_2(M))
     n_tiles, split_k, k_split = launch_grid(N, K, cfg)
     line = 128 // w.element_size()  # columns per 128-byte line: prefetch_k >= 64 covers whole lines of any dtype
+    late = pdl.late_trigger(n_tiles * split_k) if cfg.late_trigger is None else cfg.late_trigger
     if split_k > 1:
         ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), counters(x.device, n_tiles)
     else:
@@ -176,7 +179,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     _skinny_gemm_kernel[(n_tiles, split_k)](
         x, w, y, ws, cnt, M, N, K, k_split, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
-        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=cfg.late_trigger,
+        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=late,
         PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip

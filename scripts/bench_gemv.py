@@ -140,6 +140,46 @@ def chain_ab(args: argparse.Namespace) -> None:
     save(args, bw, rows)
 
 
+def occupancy(args: argparse.Namespace) -> None:
+    """The picked tile of every shape and M as compiled: registers per thread, shared memory per program,
+    the programs one SM can hold by each, and the grid against what the card holds at once."""
+    import deltaserve.ops.skinny_gemm as sg
+
+    compiled, real = [], sg._skinny_gemm_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                compiled.append((grid, kw, real[grid](*a, **kw)))
+                return compiled[-1][2]
+            return launch
+
+    sg._skinny_gemm_kernel = Recorder()
+    props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+    sms = props["multiprocessor_count"]
+    print(f"{torch.cuda.get_device_name()}: {sms} SMs, {props}")
+    rows = []
+    for name, _n, _k, m, weights, x in cases(args):
+        skinny_linear(x, weights[0])
+        torch.cuda.synchronize()
+        grid, kw, kern = compiled[-1]
+        if not hasattr(kern, "n_regs"):
+            raise SystemExit(f"this Triton's launch returned {type(kern).__name__}, not the compiled kernel")
+        warps, shared, regs = kern.metadata.num_warps, kern.metadata.shared, kern.n_regs
+        by_smem = (228 * 1024) // max(shared + 1024, 1)  # 228 KB per SM, 1 KB reserved per program
+        by_regs = 65536 // (((regs * 32 + 255) // 256) * 256 * warps)
+        per_sm = min(by_smem, by_regs, 64 // warps, 32)
+        programs = grid[0] * grid[1]
+        rows.append({"shape": name, "M": m, "programs": programs, "num_warps": warps, "shared": shared,
+                     "regs": regs, "per_sm": per_sm, "waves": programs / (per_sm * sms),
+                     "late_trigger": kw["LATE_TRIGGER"]})
+        print(f"{name:<28} M={m:<3} {programs:>5} programs  {warps} warps  {regs:>3} regs  {shared:>6} B smem  "
+              f"-> {per_sm} per SM (smem {by_smem}, regs {by_regs}): {programs / (per_sm * sms):.2f} waves  "
+              f"late={kw['LATE_TRIGGER']}")
+    sg._skinny_gemm_kernel = real
+    save(args, 0.0, rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", default="1,4,16,64")
@@ -153,10 +193,14 @@ def main() -> None:
                    "per shape and M: does PDL slow a grid of several waves?")
     p.add_argument("--late", action="store_true", help="with --pdl: try every tile with the early and the late "
                    "PDL trigger")
+    p.add_argument("--occupancy", action="store_true", help="only: the picked tiles' registers, shared memory and "
+                   "waves")
     p.add_argument("--chain-ab", action="store_true", help="only the picked tile: PDL off, on, and on with a late "
                    "trigger and/or an L2 weight prefetch before the wait (interleaved), per shape and M")
     p.add_argument("--with-norm", action="store_true", help="--chain-ab: our RMSNorm kernel before every GEMM")
     args = p.parse_args()
+    if args.occupancy:
+        return occupancy(args)
     if args.chain_ab:
         return chain_ab(args)
     if args.pdl_ab:
@@ -176,7 +220,8 @@ def main() -> None:
         best = min(tried, key=tried.get)
         rows.append({"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,
                      "default_us": default, "default_config": dataclasses.asdict(pick_config(m, n, k)),
-                     "best_us": tried[best], "best_config": dataclasses.asdict(best)})
+                     "best_us": tried[best], "best_config": dataclasses.asdict(best),
+                     "tried": [[dataclasses.asdict(c), us] for c, us in tried.items()]})
         print(f"{name:<24} M={m:<3} floor {floor_us:6.2f}  cuBLAS {cublas:6.2f} ({cublas / floor_us:.2f}x)  "
               f"skinny picked {default:6.2f} ({default / floor_us:.2f}x)  best {tried[best]:6.2f} "
               f"({tried[best] / floor_us:.2f}x) {best}")

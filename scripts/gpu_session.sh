@@ -83,7 +83,7 @@ for stage in "$@"; do
       done ;;
     overlap-ab) # the engine as is against OVERLAP_FLAGS (e.g. "--skinny-late-trigger --skinny-prefetch 128"),
                 # interleaved REPS times, 35B-A3B then 9B at N = 1 and 16
-      for preset in qwen3.5-35b-a3b qwen3.5-9b; do
+      for preset in ${PRESETS:-qwen3.5-35b-a3b qwen3.5-9b}; do
         for rep in $(seq "${REPS:-2}"); do
           for v in base overlap; do
             run "overlap-ab-$preset-$rep-$v" python3 -m deltaserve.cli bench offline --preset "$preset" \
@@ -181,7 +181,11 @@ for stage in "$@"; do
     gemv-inproj64) run gemv-inproj64 python3 scripts/bench_gemv.py --shapes "GDN in_proj" --m 32,64 --wide --pdl \
                      --output "$LOGS/gemv-inproj64.json" ;;
     gemv-chain) # PDL off / on / late trigger / L2 weight prefetch before the wait, in chains of 24 GEMMs
-      run gemv-chain python3 scripts/bench_gemv.py --chain-ab --m "${CHAIN_M:-1,16}" --output "$LOGS/gemv-chain.json" ;;
+      run gemv-chain python3 scripts/bench_gemv.py --chain-ab --m "${CHAIN_M:-1,16}" ${CHAIN_SHAPES:+--shapes "$CHAIN_SHAPES"} \
+        --output "$LOGS/gemv-chain.json" ;;
+    gemv-occ) run gemv-occ python3 scripts/bench_gemv.py --occupancy --m 1,16,32,64 --output "$LOGS/gemv-occ.json" ;;
+    gemv-late35) run gemv-late35 python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj" --m 16,32,64 --wide --pdl \
+                   --late --output "$LOGS/gemv-late35.json" ;;
     gemv-chain-norm) # the same, with our RMSNorm kernel before every GEMM (the engine's order for the in_proj)
       run gemv-chain-norm python3 scripts/bench_gemv.py --chain-ab --with-norm --m 1 --shapes "GDN in_proj,GDN out_proj" \
         --output "$LOGS/gemv-chain-norm.json" ;;

@@ -76,3 +76,47 @@ def test_skinny_gemm_pdl_variants_compile_for_sm90_in_the_right_order():
             assert not any(o.startswith(("ld.global", "cp.async")) for o in ops[trigger:] if ".cg" not in o)
             assert any(o.startswith("st.global") for o in ops[trigger:])
     assert any(o.startswith("atom.") for o in pdl_split)  # the split-K arrival counter
+
+
+SMEM_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from deltaserve.ops.skinny_gemm import _skinny_gemm_kernel
+
+    SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
+           "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+    out = []
+    for bm, bn, bk, stages, split in json.loads(sys.argv[1]):
+        consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": True, "SPLIT_K": split,
+                  "PRECISION": "tf32", "PDL": True, "LATE_TRIGGER": False, "PREFETCH_K": 0, "LINE": 64}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n != "M"}
+        src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
+                        constexprs=consts, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
+        out.append(k.metadata.shared)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_resident_programs_per_sm_follow_the_compilers_shared_memory():
+    """The late-trigger rule needs how many programs of a tile an SM holds; resident_per_sm models the
+    shared memory of the pipelined kernel, checked here against Triton's own figure for the sm_90 build
+    (the same numbers an H200 reported for these tiles in docs/perf/2026-11-29.md)."""
+    from deltaserve.ops.skinny_gemm import SMEM_PER_SM, GemvConfig, resident_per_sm
+
+    tiles = [(16, 32, 128, 3, 1), (32, 64, 128, 3, 1), (64, 64, 128, 3, 1), (16, 64, 128, 5, 4),
+             (32, 32, 128, 5, 2), (64, 32, 128, 5, 2), (64, 128, 128, 4, 1), (16, 128, 64, 3, 1)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", SMEM_SCRIPT, json.dumps(tiles)], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    shared = json.loads(r.stdout.strip().splitlines()[-1])
+    assert shared[:3] == [24576, 49152, 98304]  # as compiled on the H200
+    for (bm, bn, bk, stages, split), smem in zip(tiles, shared):
+        cfg = GemvConfig(block_n=bn, block_k=bk, num_stages=stages, split_k=split)
+        assert resident_per_sm(cfg, bm, 2) == min(SMEM_PER_SM // (smem + 1024), 16), (bm, bn, bk, stages, smem)
+

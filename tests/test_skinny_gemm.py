@@ -211,24 +211,30 @@ def test_late_trigger_and_prefetch_reach_the_launch(kernel_device, monkeypatch):
         sg.set_pdl_prefetch(48)
 
 
-def test_late_trigger_by_grid_size_unless_forced(monkeypatch):
-    """Measured in chains of GEMMs under PDL (H200): the early trigger lets the next grid's programs take
-    the SMs that a large grid's later programs need (9B gate_up 64 vs 48 us); small grids gain from it."""
+def test_late_trigger_where_a_grid_fills_over_half_the_gpu_unless_forced(monkeypatch):
+    """Measured in chains of GEMMs under PDL (H200, 132 SMs): with the early trigger, a grid that fills over
+    half of what the GPU holds at once leaves too little room for the next one (9B gate_up 64 vs 48 us); grids
+    filling less gain from it. Without a capacity (the MoE kernels), > 512 programs count as large."""
     from deltaserve.ops import pdl
-    from deltaserve.ops.skinny_gemm import launch_grid
+    from deltaserve.ops.skinny_gemm import launch_grid, resident_per_sm
 
-    def programs(M, N, K):
-        tiles, split, _ = launch_grid(N, K, pick_config(M, N, K))
-        return tiles * split
+    def late(M, N, K):
+        cfg = pick_config(M, N, K)
+        tiles, split, _ = launch_grid(N, K, cfg)
+        return pdl.late_trigger(tiles * split, 132 * resident_per_sm(cfg, max(16, 1 << (M - 1).bit_length()), 2))
 
-    assert pdl.late_trigger(programs(1, 24576, 4096))  # 9B MLP gate_up, 768 programs
-    assert pdl.late_trigger(programs(16, 20608, 3072))  # 122B-A10B GDN in_proj, 644
-    assert not pdl.late_trigger(programs(1, 12352, 2048))  # 35B-A3B GDN in_proj, 386
-    assert not pdl.late_trigger(programs(1, 2048, 4096))  # out_proj, 32 tiles x split 4
+    assert late(1, 24576, 4096)  # 9B MLP gate_up: 768 programs, 9 per SM: 0.65 of the GPU
+    assert late(16, 20608, 3072)  # 122B-A10B GDN in_proj: 644, 0.54
+    assert late(32, 20608, 3072)  # 322 programs of 64-row tiles, 4 per SM: 0.61
+    assert late(64, 12352, 2048)  # 35B-A3B at 64 tokens: 193, 2 per SM: 0.73
+    assert not late(1, 12352, 2048)  # 35B-A3B GDN in_proj: 386, 0.32
+    assert not late(32, 12352, 2048)  # 193, 0.37
+    assert not late(1, 2048, 4096)  # 35B-A3B out_proj: 32 tiles x split 4, 2 per SM: 0.48
+    assert pdl.late_trigger(513) and not pdl.late_trigger(512)  # no capacity known
     monkeypatch.setattr(pdl, "_late_trigger", False)
-    assert not pdl.late_trigger(10_000)
+    assert not pdl.late_trigger(10_000, 100)
     monkeypatch.setattr(pdl, "_late_trigger", True)
-    assert pdl.late_trigger(1)
+    assert pdl.late_trigger(1, 100)
 
 
 def test_inproj_routes_to_the_kernel_up_to_its_row_limit():

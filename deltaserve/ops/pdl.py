@@ -64,16 +64,21 @@ def enable(on: bool, device: torch.device | str | None = None, late_trigger: boo
     _enabled, _late_trigger = on, late_trigger
 
 
-def late_trigger(programs: int) -> bool:
-    """Whether a kernel of ``programs`` programs should let the next kernel launch only after its main loop.
+def late_trigger(programs: int, capacity: int | None = None) -> bool:
+    """Whether a kernel of ``programs`` programs should let the next kernel launch only after its main loop;
+    ``capacity``: the programs of this kernel the whole GPU holds at once, where known.
 
-    With the trigger at the start, the next kernel's programs are placed on the SMs while this one still
-    has programs to run, and sit there waiting: a chain of the 9B MLP gate_up GEMM (768 programs) took
-    64.1 us a GEMM against 48.9 without PDL, the 122B-A10B in_proj (644) 47.2 against 31.6. With the
-    trigger after the K loop: 48.5 and 31.3. Grids of 128-386 programs were 0.2-0.8 us faster with the
-    early trigger, which hides the next launch behind the whole kernel (H200, 132 SMs,
-    docs/perf/2026-11-29.md)."""
-    return programs > LATE_TRIGGER_PROGRAMS if _late_trigger is None else _late_trigger
+    With the trigger at the start, the next kernel is placed on the SMs while this one runs, into the slots
+    this one leaves free. Measured in chains of skinny GEMMs (H200, docs/perf/2026-11-29.md): where a grid
+    fills more than half of what the GPU holds, the next grid does not fit beside it, and the early trigger
+    made the chain far slower: the 9B MLP gate_up (768 programs, 0.65 of capacity) 64.1 us a GEMM against
+    48.9 without PDL and 48.5 with the late trigger; the 122B-A10B in_proj (0.54) 47.2 / 31.6 / 31.3; at
+    32-64 tokens 0.61-0.73 of capacity, 9-35% slower. Grids filling 0.24-0.48 of it were 0.2-0.8 us faster
+    with the early trigger, which hides the next launch behind the whole kernel. Without ``capacity``
+    (kernels whose resources are not modelled), grids of more than 512 programs count as large."""
+    if _late_trigger is not None:
+        return _late_trigger
+    return 2 * programs > capacity if capacity else programs > LATE_TRIGGER_PROGRAMS
 
 
 def enabled() -> bool:

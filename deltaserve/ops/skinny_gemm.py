@@ -45,7 +45,7 @@ class GemvConfig:
     # late_trigger lets the next kernel launch after this one's K loop instead of at its start, and
     # prefetch_k asks for the first prefetch_k columns of this program's weight rows in L2 before it
     # waits for the previous kernel, so that the weight stream starts during that kernel's tail.
-    late_trigger: bool | None = None  # None: pdl.late_trigger(programs), by grid size
+    late_trigger: bool | None = None  # None: pdl.late_trigger, by how much of the GPU the grid fills
     prefetch_k: int = 0
 
     def __post_init__(self):
@@ -145,6 +145,30 @@ def _skinny_gemm_kernel(
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch (and the next graph replay)
 
 
+SMEM_PER_SM = 228 * 1024  # Hopper (H100, H200): per SM, of which 1 KB per resident program is reserved
+
+
+def resident_per_sm(cfg: GemvConfig, block_m: int, elt: int) -> int:
+    """Programs of this tile one SM holds at once. Shared memory binds for every decode tile: the pipeline
+    keeps num_stages - 1 ``[BLOCK_M + BLOCK_N, BLOCK_K]`` buffers (num_stages at 64 token rows), checked
+    against the compiler's own figure on the CPU (tests/test_kernel_compile.py); registers (46-96 per
+    thread) would allow 5-10 programs per SM."""
+    buffers = cfg.num_stages if block_m >= 64 else max(cfg.num_stages - 1, 1)
+    smem = buffers * (block_m + cfg.block_n) * cfg.block_k * elt
+    return max(1, min(SMEM_PER_SM // (smem + 1024), 64 // cfg.num_warps))
+
+
+_sm_count: dict[torch.device, int] = {}
+
+
+def _capacity(cfg: GemvConfig, block_m: int, x: torch.Tensor) -> int | None:
+    if x.device.type != "cuda":
+        return None
+    if x.device not in _sm_count:
+        _sm_count[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return _sm_count[x.device] * resident_per_sm(cfg, block_m, x.element_size())
+
+
 def launch_grid(N: int, K: int, cfg: GemvConfig) -> tuple[int, int, int]:
     """``(row tiles, K splits, columns per split)`` of a launch: each split covers a whole number of
     BLOCK_K steps, so a short K gets fewer splits than ``cfg.split_k`` asks for."""
@@ -171,7 +195,9 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     block_m = max(16, triton.next_power_of_2(M))
     n_tiles, split_k, k_split = launch_grid(N, K, cfg)
     line = 128 // w.element_size()  # columns per 128-byte line: prefetch_k >= 64 covers whole lines of any dtype
-    late = pdl.late_trigger(n_tiles * split_k) if cfg.late_trigger is None else cfg.late_trigger
+    late = cfg.late_trigger
+    if late is None:  # by how much of the GPU the grid fills (only matters under PDL)
+        late = pdl.late_trigger(n_tiles * split_k, _capacity(cfg, block_m, x))
     if split_k > 1:
         ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), counters(x.device, n_tiles)
     else:
@@ -179,7 +205,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     _skinny_gemm_kernel[(n_tiles, split_k)](
         x, w, y, ws, cnt, M, N, K, k_split, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
-        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=late,
+        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late),
         PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip

@@ -105,7 +105,7 @@ SMEM_SCRIPT = textwrap.dedent(
 def test_resident_programs_per_sm_follow_the_compilers_shared_memory():
     """The late-trigger rule needs how many programs of a tile an SM holds; resident_per_sm models the
     shared memory of the pipelined kernel, checked here against Triton's own figure for the sm_90 build
-    (the same numbers an H200 reported for these tiles in docs/perf/2026-11-29.md)."""
+    (the same numbers an H200 reported for these tiles in docs/perf/2026-11-28g.md)."""
     from deltaserve.ops.skinny_gemm import SMEM_PER_SM, GemvConfig, resident_per_sm
 
     tiles = [(16, 32, 128, 3, 1), (32, 64, 128, 3, 1), (64, 64, 128, 3, 1), (16, 64, 128, 5, 4),

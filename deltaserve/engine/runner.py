@@ -74,7 +74,7 @@ class ModelRunner:
         pdl.enable(cfg.pdl, self.device if on_gpu else None, cfg.pdl_late_trigger)
         skinny_gemm.set_pdl_prefetch(cfg.skinny_prefetch)
         if on_gpu:
-            late = {None: "for grids of > 512 programs", True: "always", False: "never"}[cfg.pdl_late_trigger]
+            late = {None: "by grid size", True: "always", False: "never"}[cfg.pdl_late_trigger]
             logger.info("programmatic dependent launch %s%s", "on" if cfg.pdl else "off",
                         f" (late trigger {late}; skinny GEMM prefetch {cfg.skinny_prefetch} columns)" if cfg.pdl
                         else "")

@@ -17,9 +17,14 @@ streams), and ``griddepcontrol.wait`` is a no-op in a kernel launched without it
 On by default where it can run (``--no-pdl`` turns it off): process-wide, set by the engine at start-up
 on a GPU of compute capability 9.0 or newer. Measured on an H200 (docs/perf/2026-11-28e.md, two
 interleaved pairs): decode 2-4% faster at N = 4 and 16 on the 35B-A3B and 9B shapes, ~2% at N = 1
-(within run-to-run noise there), tokens and logprobs bit-identical. Prefetching weights into L2 before
-the wait was tried and measured slower (docs/perf/2026-11-28f.md). Under Triton's CPU interpreter it is
-never on (the interpreter has no ``griddepcontrol``); the kernels are then exactly the non-PDL ones.
+(within run-to-run noise there), tokens and logprobs bit-identical.
+
+The GEMM kernels split the gate: :func:`pdl_wait` first, :func:`pdl_trigger` at the start or, for grids
+that fill over half the GPU, after their main loop (:func:`late_trigger`). The skinny GEMM may issue L2
+prefetches of its weights before the wait (``--skinny-prefetch``, off: docs/perf/2026-11-28g.md).
+
+Under Triton's CPU interpreter PDL is never on (the interpreter has no ``griddepcontrol``); the kernels
+are then exactly the non-PDL ones.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def late_trigger(programs: int, capacity: int | None = None) -> bool:
     ``capacity``: the programs of this kernel the whole GPU holds at once, where known.
 
     With the trigger at the start, the next kernel is placed on the SMs while this one runs, into the slots
-    this one leaves free. Measured in chains of skinny GEMMs (H200, docs/perf/2026-11-29.md): where a grid
+    this one leaves free. Measured in chains of skinny GEMMs (H200, docs/perf/2026-11-28g.md): where a grid
     fills more than half of what the GPU holds, the next grid does not fit beside it, and the early trigger
     made the chain far slower: the 9B MLP gate_up (768 programs, 0.65 of capacity) 64.1 us a GEMM against
     48.9 without PDL and 48.5 with the late trigger; the 122B-A10B in_proj (0.54) 47.2 / 31.6 / 31.3; at

@@ -44,6 +44,11 @@ SPLIT_GRID = [GemvConfig(bn, bk, 4, s, sk) for bn, bk, s, sk in
 # 32-row tiles, 386 x 256 KB = 100 MB of L2 reads for a 50 MB weight on the 35B-A3B in_proj), so wider
 # tiles cut that traffic, and split-K keeps enough programs. Tried with --wide.
 WIDE_GRID = [GemvConfig(128, bk, 8, s, sk) for bk, s, sk in itertools.product((64, 128), (3, 4), (1, 2))]
+# --swap: the weight tile as the MMA's row side (Triton then emits Hopper's wgmma from shared memory), with
+# the 32-row tile of the non-swapped kernel as the reference.
+SWAP_GRID = [GemvConfig(32, 128, 4, 3)] + [GemvConfig(bn, bk, w, s, swap=True) for bn, bk, w, s in
+                                           [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3),
+                                            (128, 64, 8, 3), (128, 128, 4, 3), (128, 128, 8, 3)]]
 
 
 def time_us(fn, weights, x, replays: int = 24) -> float:
@@ -191,6 +196,7 @@ def main() -> None:
                    help="launch the skinny kernels with programmatic dependent launch, as the engine does on Hopper")
     p.add_argument("--pdl-ab", action="store_true", help="only the picked tile, PDL off / on / off / on (interleaved) "
                    "per shape and M: does PDL slow a grid of several waves?")
+    p.add_argument("--swap", action="store_true", help="only the swapped (y^T = w x^T) tiles and one reference tile")
     p.add_argument("--late", action="store_true", help="with --pdl: try every tile with the early and the late "
                    "PDL trigger")
     p.add_argument("--occupancy", action="store_true", help="only: the picked tiles' registers, shared memory and "
@@ -214,6 +220,13 @@ def main() -> None:
         cublas = time_us(F.linear, weights, x)
         default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
         grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
+        if args.swap:  # y^T = w x^T tiles (the weight rows on the MMA's row side): checked, then timed
+            grid = SWAP_GRID
+            ref = F.linear(x, weights[0]).float()
+            for c in grid:
+                err = ((skinny_linear(x, weights[0], c).float() - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    raise SystemExit(f"{c}: relative error {err:.2e} against F.linear")
         if args.late:  # every tile with the PDL trigger at the start and after the K loop
             grid = [dataclasses.replace(c, late_trigger=late) for c in grid for late in (False, True)]
         tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}

@@ -192,6 +192,8 @@ for stage in "$@"; do
     gemv-late) # the in_proj tile sweep with every tile under both PDL triggers
       run gemv-late python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj,122B" --m 1,16,32,64 --wide --pdl --late \
         --output "$LOGS/gemv-late.json" ;;
+    gemv-swap) run gemv-swap python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj" --m 16,32,64 --pdl --late --swap \
+                 --output "$LOGS/gemv-swap.json" ;;
     tests-late) run tests-late python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k pdl_late ;;
     gpu-skinny) run gpu-skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;

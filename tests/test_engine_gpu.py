@@ -196,6 +196,13 @@ def test_prefill_graphs_equal_eager_prefill(tmp_path, kind):
             assert abs(a["logprob"] - b["logprob"]) < 1e-4
 
 
+def _mixed_prompts():
+    """6 greedy prompts of 1-70 tokens: over 4 slots they make batched, graph and eager steps."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
+    return prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+
+
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
 def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
     """``--pdl`` changes when kernels launch, not what they compute: bf16, every kernel (MoE included),
@@ -205,9 +212,7 @@ def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     d = _tiny_or_hf(tmp_path, kind, "bfloat16", seed=7)
-    rng = random.Random(5)
-    prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    prompts, params = _mixed_prompts()
     def check(llm, on):
         assert pdl.enabled() == on
 
@@ -226,9 +231,7 @@ def test_pdl_late_trigger_and_prefetch_give_the_same_tokens_and_logprobs(tmp_pat
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     d = _tiny_or_hf(tmp_path, kind, "bfloat16", seed=7)
-    rng = random.Random(5)
-    prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    prompts, params = _mixed_prompts()
     outs = {}
     for late in (False, True):
         llm = LLM(str(d), dtype="bfloat16", max_num_seqs=4, gpu_memory_utilization=0.3, pdl=True,

@@ -33,7 +33,8 @@ SCRIPT = textwrap.dedent(
     out = []
     for pdl, split, late, prefetch in json.loads(sys.argv[1]):
         consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "EVEN_K": True, "SPLIT_K": split,
-                  "PRECISION": "tf32", "PDL": pdl, "LATE_TRIGGER": late, "PREFETCH_K": prefetch, "LINE": 64}
+                  "PRECISION": "tf32", "PDL": pdl, "LATE_TRIGGER": late, "PREFETCH_K": prefetch, "LINE": 64,
+                  "SWAP": False}
         # pointers and sizes 16-divisible, as Triton specialises them at a real launch: vectorised, pipelined
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n not in ("M",)}
         src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
@@ -89,9 +90,10 @@ SMEM_SCRIPT = textwrap.dedent(
     SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
            "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     out = []
-    for bm, bn, bk, stages, split in json.loads(sys.argv[1]):
+    for bm, bn, bk, stages, split, swap in json.loads(sys.argv[1]):
         consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": True, "SPLIT_K": split,
-                  "PRECISION": "tf32", "PDL": True, "LATE_TRIGGER": False, "PREFETCH_K": 0, "LINE": 64}
+                  "PRECISION": "tf32", "PDL": True, "LATE_TRIGGER": False, "PREFETCH_K": 0, "LINE": 64,
+                  "SWAP": swap}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n != "M"}
         src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
                         constexprs=consts, attrs=attrs)
@@ -108,15 +110,17 @@ def test_resident_programs_per_sm_follow_the_compilers_shared_memory():
     (the same numbers an H200 reported for these tiles in docs/perf/2026-11-28g.md)."""
     from deltaserve.ops.skinny_gemm import SMEM_PER_SM, GemvConfig, resident_per_sm
 
-    tiles = [(16, 32, 128, 3, 1), (32, 64, 128, 3, 1), (64, 64, 128, 3, 1), (16, 64, 128, 5, 4),
-             (32, 32, 128, 5, 2), (64, 32, 128, 5, 2), (64, 128, 128, 4, 1), (16, 128, 64, 3, 1)]
+    tiles = [(16, 32, 128, 3, 1, False), (32, 64, 128, 3, 1, False), (64, 64, 128, 3, 1, False),
+             (16, 64, 128, 5, 4, False), (32, 32, 128, 5, 2, False), (64, 32, 128, 5, 2, False),
+             (64, 128, 128, 4, 1, False), (16, 128, 64, 3, 1, False), (16, 64, 128, 3, 1, True),
+             (32, 128, 64, 4, 1, True)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SMEM_SCRIPT, json.dumps(tiles)], capture_output=True, text=True,
                        env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr[-3000:]
     shared = json.loads(r.stdout.strip().splitlines()[-1])
     assert shared[:3] == [24576, 49152, 98304]  # as compiled on the H200
-    for (bm, bn, bk, stages, split), smem in zip(tiles, shared):
-        cfg = GemvConfig(block_n=bn, block_k=bk, num_stages=stages, split_k=split)
+    for (bm, bn, bk, stages, split, swap), smem in zip(tiles, shared):
+        cfg = GemvConfig(block_n=bn, block_k=bk, num_stages=stages, split_k=split, swap=swap)
         assert resident_per_sm(cfg, bm, 2) == min(SMEM_PER_SM // (smem + 1024), 16), (bm, bn, bk, stages, smem)
 

@@ -51,6 +51,16 @@ def test_split_k_matches_linear_and_leaves_counters_zero(kernel_device, split_k,
     torch.testing.assert_close(skinny_linear(x, w, cfg), first, rtol=0, atol=0)  # partials summed in split order
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 256), (17, 130, 300), (5, 37, 512)])
+def test_swapped_tile_matches_linear(kernel_device, split_k, M, N, K):
+    """``swap`` (y^T = w x^T, the weight rows on the MMA's row side) computes the same product."""
+    x = _rand(M, K, dtype=torch.float32, device=kernel_device)
+    w = _rand(N, K, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=64 if N > 64 else 32, block_k=64, split_k=split_k, swap=True)
+    torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+
+
 def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     """The decoder wiring of the skinny GEMM: a tiny fp32 model whose GDN in_proj is ``fused_gemv`` and
     whose out_proj / o_proj / dense MLP take the skinny path (the kernels under the interpreter on the CPU) equals

@@ -47,6 +47,9 @@ class GemvConfig:
     # waits for the previous kernel, so that the weight stream starts during that kernel's tail.
     late_trigger: bool | None = None  # None: pdl.late_trigger, by how much of the GPU the grid fills
     prefetch_k: int = 0
+    # swap computes y^T = w x^T: the weight tile is the MMA's row side (BLOCK_N rows: 64-128 fill Hopper's
+    # 64-row warpgroup MMA) and the tokens its column side, instead of padding the tokens to the row side.
+    swap: bool = False
 
     def __post_init__(self):
         if self.prefetch_k and (self.prefetch_k & (self.prefetch_k - 1) or self.prefetch_k < 64):
@@ -89,7 +92,7 @@ def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
-    PREFETCH_K: tl.constexpr, LINE: tl.constexpr,
+    PREFETCH_K: tl.constexpr, LINE: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
     # Program (pid, pid_k): rows [pid * BLOCK_N, +BLOCK_N) of y over K in [pid_k * K_SPLIT, +K_SPLIT).
     pid = tl.program_id(0)
@@ -110,7 +113,10 @@ def _skinny_gemm_kernel(
     m_ok = offs_m < M
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k_lo + offs_k)[None, :]  # [BN, BK], K contiguous
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         # Masks constant along K when K is a multiple of BLOCK_K, so that the loads stay vectorised.
         if EVEN_K:
@@ -122,11 +128,16 @@ def _skinny_gemm_kernel(
             w_mask = n_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if SWAP:  # y^T = w x^T: the weight rows are the MMA's M side, the tokens its N side
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if LATE_TRIGGER:  # only the stores are left: the next kernel's launch overlaps them
         pdl_trigger(PDL)
+    if SWAP:
+        acc = tl.trans(acc)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
@@ -150,10 +161,11 @@ SMEM_PER_SM = 228 * 1024  # Hopper (H100, H200): per SM, of which 1 KB per resid
 
 def resident_per_sm(cfg: GemvConfig, block_m: int, elt: int) -> int:
     """Programs of this tile one SM holds at once. Shared memory binds for every decode tile: the pipeline
-    keeps num_stages - 1 ``[BLOCK_M + BLOCK_N, BLOCK_K]`` buffers (num_stages at 64 token rows), checked
+    keeps num_stages - 1 ``[BLOCK_M + BLOCK_N, BLOCK_K]`` buffers (num_stages where Triton emits Hopper's
+    wgmma: 64 token rows, or a swapped tile), checked
     against the compiler's own figure on the CPU (tests/test_kernel_compile.py); registers (46-96 per
     thread) would allow 5-10 programs per SM."""
-    buffers = cfg.num_stages if block_m >= 64 else max(cfg.num_stages - 1, 1)
+    buffers = cfg.num_stages if block_m >= 64 or cfg.swap else max(cfg.num_stages - 1, 1)  # wgmma: num_stages
     smem = buffers * (block_m + cfg.block_n) * cfg.block_k * elt
     return max(1, min(SMEM_PER_SM // (smem + 1024), 64 // cfg.num_warps))
 
@@ -206,7 +218,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         x, w, y, ws, cnt, M, N, K, k_split, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late),
-        PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line,
+        PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line, SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y

@@ -81,7 +81,8 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
     if N <= 512:
         return GemvConfig(block_n=32 if M <= 16 else 16, block_k=128, num_stages=3, split_k=8 if M <= 16 else 4)
     if N >= 8192:
-        if 16 < M <= 32:  # the swapped 64-row tile (wgmma): 35B-A3B M=32 14.87 us against 15.55
+        if 16 < M <= 32 and K <= 2048:  # the swapped 64-row tile (wgmma): 35B-A3B M=32 14.87 us against 15.55
+            # (docs/perf/2026-11-28g.md); measured on that shape only, so the 9B / 122B-A10B keep their tile
             return GemvConfig(block_n=64, block_k=128, num_stages=3, swap=True)
         return GemvConfig(block_n=32 if M <= 16 else 64, block_k=128, num_stages=3)
     if M <= 16:

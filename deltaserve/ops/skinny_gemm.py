@@ -73,7 +73,9 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
 
     Wide weights (the GDN in_proj, N >= 8192) have row tiles to spare: 32 rows x 128 K per step, 3 stages
     (35B-A3B 14.7-15.3 us at M <= 16, 1.22-1.26x the floor; 122B-A10B 31.7 us, 1.05x, where 256-wide K
-    steps took 40); 64 rows once the token tile is 32 or 64 rows (35B-A3B M=64: 16.3 us, against 22.4).
+    steps took 40); 64 rows once the token tile is 32 or 64 rows (35B-A3B M=64: 16.3 us, against 22.4),
+    swapped (y^T = w x^T) at 17-32 tokens on the 35B-A3B shape (14.87 us against 15.55,
+    docs/perf/2026-11-28g.md). The PDL trigger is not part of the tile: see :func:`pdl.late_trigger`.
     Narrow ones (the out_proj, N = 2048 or 4096) split K four ways at M <= 16 (35B-A3B 8.2 us, cuBLAS 9.7
     with its split-K reduce; 9B 11.9, cuBLAS 13.4), two ways above. The MoE router GEMM (N = 257) has so
     few rows that K splits eight ways over 32-row tiles: 4.1-4.2 us at M <= 16, against 5.6-5.8 with the

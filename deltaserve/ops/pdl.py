@@ -42,8 +42,8 @@ except ImportError:  # pragma: no cover - CPU installs without triton never laun
 _enabled = False
 _late_trigger: bool | None = None
 
-# Kernels whose grid has more programs than this let the next kernel launch after their main loop
-# instead of at their start (see :func:`late_trigger`).
+# Kernels without a model of what the GPU holds of them at once (the MoE experts) trigger late above this
+# many programs (see :func:`late_trigger`).
 LATE_TRIGGER_PROGRAMS = 512
 
 
@@ -78,7 +78,7 @@ def late_trigger(programs: int, capacity: int | None = None) -> bool:
     fills more than half of what the GPU holds, the next grid does not fit beside it, and the early trigger
     made the chain far slower: the 9B MLP gate_up (768 programs, 0.65 of capacity) 64.1 us a GEMM against
     48.9 without PDL and 48.5 with the late trigger; the 122B-A10B in_proj (0.54) 47.2 / 31.6 / 31.3; at
-    32-64 tokens 0.61-0.73 of capacity, 9-35% slower. Grids filling 0.24-0.48 of it were 0.2-0.8 us faster
+    32-64 tokens 0.61-0.73 of capacity, 7-26% slower. Grids filling 0.24-0.48 of it were 0.2-0.8 us faster
     with the early trigger, which hides the next launch behind the whole kernel. Without ``capacity``
     (kernels whose resources are not modelled), grids of more than 512 programs count as large."""
     if _late_trigger is not None:

@@ -56,7 +56,6 @@ class GemvConfig:
             raise ValueError(f"prefetch_k={self.prefetch_k} must be 0 or a power of two >= 64 (columns)")
 
 
-
 _prefetch_k = 0
 
 
@@ -179,6 +178,7 @@ _sm_count: dict[torch.device, int] = {}
 
 
 def _capacity(cfg: GemvConfig, block_m: int, x: torch.Tensor) -> int | None:
+    """Programs of this tile the whole GPU holds at once (None off CUDA)."""
     if x.device.type != "cuda":
         return None
     if x.device not in _sm_count:

@@ -194,6 +194,8 @@ for stage in "$@"; do
         --output "$LOGS/gemv-late.json" ;;
     gemv-swap) run gemv-swap python3 scripts/bench_gemv.py --shapes "35B-A3B GDN in_proj" --m 16,32,64 --pdl --late --swap \
                  --output "$LOGS/gemv-swap.json" ;;
+    gemv-swap-all) run gemv-swap-all python3 scripts/bench_gemv.py --shapes "9B GDN in_proj,122B" --m 32 --pdl --late \
+                     --swap --output "$LOGS/gemv-swap-all.json" ;;
     tests-late) run tests-late python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k pdl_late ;;
     gpu-skinny) run gpu-skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;

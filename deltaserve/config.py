@@ -67,6 +67,9 @@ class EngineConfig:
                                              "only for a grid that fills over half of what the GPU holds at once "
                                              "(MoE experts: > 512 programs; docs/perf/2026-11-28g.md); "
                                              "--pdl-late-trigger / --no-pdl-late-trigger force it.")
+    pdl_preload: bool = _f(False, "With PDL: kernels read before their wait what was written before the previous "
+                                  "kernel started: the MoE down-projection its experts' weights, the GDN decode "
+                                  "kernel its state tile (off: not yet measured).")
     skinny_prefetch: int = _f(0, "With PDL: the skinny GEMM asks for the first N columns of its weight rows in L2 "
                                  "before it waits on the previous kernel (0: off, the default; a power of two >= 64). "
                                  "After a norm kernel 128 columns saved 0.2-0.3 us a GEMM, between GEMMs it cost "
@@ -134,7 +137,7 @@ class EngineConfig:
         p = self.skinny_prefetch
         self._check(p == 0 or (p & (p - 1) == 0 and p >= 64), "skinny_prefetch", p,
                     "use 0 (off) or a power of two >= 64")
-        for name in ("skinny_prefetch", "pdl_late_trigger"):
+        for name in ("skinny_prefetch", "pdl_late_trigger", "pdl_preload"):
             self._check(getattr(self, name) in (None, False, 0) or self.pdl, name, getattr(self, name),
                         "it changes only how a kernel overlaps its neighbours under PDL: it needs PDL (a Hopper "
                         "GPU, without --no-pdl)")

@@ -149,16 +149,18 @@ def sweep_router(case: Case, top: int) -> None:
 
 def pdl_ab(layers: list[Layer], Ts: list[int], k: int) -> None:
     """The experts and the whole block (router + experts) with PDL off, on with every kernel's trigger at
-    its start, and on with the trigger after the main loop (interleaved, forwards then backwards)."""
+    its start, on with the trigger after the main loop, and on with ``--pdl-preload`` (w2 reads its
+    weights before its wait; w13 triggers early), interleaved forwards then backwards."""
     from deltaserve.ops import pdl
 
-    variants = [("no PDL", False, None), ("early", True, False), ("late", True, True)]
+    variants = [("no PDL", False, None, False), ("early", True, False, False), ("late", True, True, False),
+                ("preload", True, None, True)]
     print(f"{'T':>4} " + "  ".join(f"{v[0] + ' experts/block us':>26}" for v in variants))
     for T in Ts:
         case = Case(layers, T, k, seed=T)
         times = {v[0]: [] for v in variants}
-        for name, on, late in variants + variants[::-1]:
-            pdl.enable(on, "cuda", late)
+        for name, on, late, preload in variants + variants[::-1]:
+            pdl.enable(on, "cuda", late, preload)
             times[name].append((case.experts(), case.block()))
         pdl.enable(False, "cuda")
         cells = "  ".join(f"{sum(t[0] for t in ts) / 2:>12.2f} / {sum(t[1] for t in ts) / 2:>9.2f}"
@@ -173,7 +175,8 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8, help="distinct layers per graph (35B: 1.6 GB each)")
     p.add_argument("--sweep", action="store_true", help="also sweep GEMV tiles (T <= 4) and router tiles")
     p.add_argument("--top", type=int, default=5, help="rows per sweep")
-    p.add_argument("--pdl-ab", action="store_true", help="only: PDL off / early trigger / late trigger, interleaved")
+    p.add_argument("--pdl-ab", action="store_true", help="only: PDL off / early trigger / late trigger / preload, "
+                   "interleaved")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe times CUDA graphs and needs a CUDA device; none is visible")

@@ -203,21 +203,24 @@ def _mixed_prompts():
     return prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
 
 
+@pytest.mark.parametrize("option,flag", [("pdl", "enabled"), ("pdl_preload", "preload")])
 @pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
-def test_pdl_gives_the_same_tokens_and_logprobs(tmp_path, kind):
+def test_pdl_option_gives_the_same_tokens_and_logprobs(tmp_path, kind, option, flag):
     """``--pdl`` changes when kernels launch, not what they compute: bf16, every kernel (MoE included),
-    prefill and decode graphs plus eager steps, the same tokens and logprobs as without it."""
+    prefill and decode graphs plus eager steps, the same tokens and logprobs as without it. The same for
+    ``--pdl-preload`` (with PDL on; the GDN state tile and the MoE w2's weights read before their wait)."""
     from deltaserve.ops import pdl
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     d = _tiny_or_hf(tmp_path, kind, "bfloat16", seed=7)
     prompts, params = _mixed_prompts()
+
     def check(llm, on):
-        assert pdl.enabled() == on
+        assert getattr(pdl, flag)() == on
 
     # 6 prompts over 4 slots: batched, graph and eager steps
-    outs = _off_and_on(d, "bfloat16", "pdl", lambda llm: llm.generate(prompts, params), check)
+    outs = _off_and_on(d, "bfloat16", option, lambda llm: llm.generate(prompts, params), check)
     for a, b in zip(outs[False], outs[True]):
         assert b.token_ids == a.token_ids
         assert [x["logprob"] for x in b.logprobs] == [x["logprob"] for x in a.logprobs]

@@ -192,6 +192,24 @@ def test_gemv_path_matches_reference(T, I, k, dtype, kernel_device, poisoned_wor
 
 
 @needs_triton
+@pytest.mark.parametrize("T,I,k", [(1, 32, 2), (3, 64, 3)])
+def test_gemv_preload_variant_gives_the_same_bits(T, I, k, kernel_device, poisoned_workspaces, monkeypatch):
+    """``--pdl-preload``'s w2 variant (ids, weights and the first weight chunk read before the PDL wait,
+    run here without PDL; I = 64 has a second chunk) sums in the same order: bit-identical output."""
+    from deltaserve.ops import pdl
+
+    outs = []
+    for preload in (False, True):
+        monkeypatch.setattr(pdl, "_preload", preload)
+        w13, w2 = make_weights(I, torch.float32, "cpu", seed=3)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
+        weights, ids = random_routing(T, k, seed=5)
+        dev = [t.to(kernel_device) for t in (x, w13, w2, weights, ids)]
+        outs.append(fused_moe(*dev, force_triton=True, config=GEMV))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_tokens_on_one_expert(dtype, kernel_device, poisoned_workspaces):
     # Expert 5 takes slot 0 of all 17 tokens (two M-blocks); the other slot is spread over the rest.

@@ -215,11 +215,17 @@ def unfused_step(x, a, b, w, conv, ssm, slots, pos, A_log, dt_bias, Hk, Dk, Dv):
     return gdn_decode_ref(q.view(B, Hk, Dk), k.view(B, Hk, Dk), v.view(B, Hv, Dv), a, b, A_log, dt_bias, ssm, slots)
 
 
+@pytest.mark.parametrize("preload", [False, True], ids=["", "preload"])
 @pytest.mark.parametrize(
     "ratio,B,W,state_dtype",
     [(1, 3, 4, torch.float32), (2, 1, 3, torch.bfloat16), (3, 3, 4, torch.bfloat16)],
 )
-def test_gdn_decode_fused_matches_unfused(kernel_device, poison, ratio, B, W, state_dtype):
+def test_gdn_decode_fused_matches_unfused(kernel_device, poison, ratio, B, W, state_dtype, preload, monkeypatch):
+    """``preload``: the kernel variant that reads the slot and the state tile before its PDL wait
+    (``--pdl-preload``), run here without PDL: the same results."""
+    from deltaserve.ops import pdl
+
+    monkeypatch.setattr(pdl, "_preload", preload)
     torch.manual_seed(6)
     Hk, Dk, Dv = 1, 24, 20
     Hv = Hk * ratio

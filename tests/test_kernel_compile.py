@@ -124,3 +124,55 @@ def test_resident_programs_per_sm_follow_the_compilers_shared_memory():
         cfg = GemvConfig(block_n=bn, block_k=bk, num_stages=stages, split_k=split, swap=swap)
         assert resident_per_sm(cfg, bm, 2) == min(SMEM_PER_SM // (smem + 1024), 16), (bm, bn, bk, stages, smem)
 
+
+
+PRELOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from deltaserve.ops.fused_moe_triton import _gemv_w2_kernel
+    from deltaserve.ops.gdn_decode import _gdn_decode_fused_kernel
+
+    GDN = ({"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "w_ptr": "*bf16", "conv_ptr": "*bf16",
+            "ssm_ptr": "*fp32", "idx_ptr": "*i32", "pos_ptr": "*i64", "A_log_ptr": "*fp32", "dt_bias_ptr": "*fp32",
+            "o_ptr": "*bf16", "sx_b": "i32", "sa_b": "i32", "sb_b": "i32", "scale": "fp32"},
+           {"HK": 16, "HV": 32, "DK": 128, "DV": 128, "W": 4, "BK": 128, "BV": 64})
+    W2 = ({"inter_ptr": "*bf16", "w2_ptr": "*bf16", "out_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32",
+           "stride_it": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_ot": "i32"},
+          {"H": 2048, "I": 512, "TOP_K": 9, "K_PAD": 16, "BLOCK_N": 2, "BLOCK_K": 512, "EVEN": True,
+           "LATE_TRIGGER": False})
+    out = []
+    for name, preload in json.loads(sys.argv[1]):
+        fn, (sig, consts) = {"gdn": (_gdn_decode_fused_kernel, GDN), "w2": (_gemv_w2_kernel, W2)}[name]
+        consts = {**consts, "PDL": True, "PRELOAD": preload}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items()) if t != "fp32"}
+        src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        ops = re.findall(r"^\\s*(?:@!?%p\\d+\\s+)?([a-z][\\w.]*)", ptx, re.M)
+        keep = ("ld.global", "st.global", "cp.async", "atom.", "red.", "griddepcontrol")
+        out.append([o for o in ops if o.startswith(keep)])
+    print(json.dumps(out))
+    """
+)
+
+
+def test_preload_variants_read_only_before_the_pdl_wait():
+    """``--pdl-preload``: the GDN decode kernel and the MoE w2 GEMV read (the slot, the state tile; the
+    ids, the gate weights and the first weight chunk) before ``griddepcontrol.wait`` and write nothing
+    there; without it nothing touches global memory before the wait."""
+    variants = [("gdn", False), ("gdn", True), ("w2", False), ("w2", True)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", PRELOAD_SCRIPT, json.dumps(variants)], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for (name, preload), ops in zip(variants, json.loads(r.stdout.strip().splitlines()[-1])):
+        wait = ops.index("griddepcontrol.wait")
+        before, after = ops[:wait], ops[wait:]
+        assert "griddepcontrol.launch_dependents" in after, name
+        assert any(o.startswith("st.global") for o in after), name
+        if preload:
+            assert before and all(o.startswith("ld.global") for o in before), (name, before)
+        else:
+            assert before == [], (name, before)

@@ -185,6 +185,8 @@ def test_pdl_defaults_to_where_it_can_run_and_is_refused_elsewhere():
         EngineConfig(device="cpu", pdl_late_trigger=True)
     with pytest.raises(ConfigError, match="skinny_prefetch=128 is invalid: .*needs PDL"):
         EngineConfig(device="cpu", skinny_prefetch=128)
+    with pytest.raises(ConfigError, match="pdl_preload=True is invalid: .*needs PDL"):
+        EngineConfig(device="cpu", pdl_preload=True)
     with pytest.raises(ConfigError, match="skinny_prefetch=100 is invalid: use 0 .*power of two"):
         EngineConfig(device="cpu", skinny_prefetch=100)
 

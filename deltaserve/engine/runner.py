@@ -71,13 +71,13 @@ class ModelRunner:
         from deltaserve.ops import pdl, skinny_gemm
 
         # process-wide, for every launch from here on
-        pdl.enable(cfg.pdl, self.device if on_gpu else None, cfg.pdl_late_trigger)
+        pdl.enable(cfg.pdl, self.device if on_gpu else None, cfg.pdl_late_trigger, cfg.pdl_preload)
         skinny_gemm.set_pdl_prefetch(cfg.skinny_prefetch)
         if on_gpu:
             late = {None: "by grid size", True: "always", False: "never"}[cfg.pdl_late_trigger]
             logger.info("programmatic dependent launch %s%s", "on" if cfg.pdl else "off",
-                        f" (late trigger {late}; skinny GEMM prefetch {cfg.skinny_prefetch} columns)" if cfg.pdl
-                        else "")
+                        f" (late trigger {late}; skinny GEMM prefetch {cfg.skinny_prefetch} columns; preload "
+                        f"{'on' if cfg.pdl_preload else 'off'})" if cfg.pdl else "")
         self.model_config = self.model.config
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, cfg.device,
                     time.perf_counter() - t0)

@@ -357,30 +357,47 @@ def _gemv_w2_kernel(
     stride_it, stride_we, stride_wn, stride_ot,
     H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):  # fmt: skip
     """Grid (T, H / BLOCK_N): out[t, n] = sum_j w[t, j] · (w2[e_j, n] · inter[t·k + j]), in one program.
 
     The k experts' tiles are one ``[K_PAD, BLOCK_N, BLOCK_K]`` load, so all their reads are in flight
     at once (a loop over the experts would wait for each in turn); slots past k are masked off.
+    With PRELOAD (``pdl.preload``, EVEN shapes only) the ids, the weights and the first weight chunk are
+    read before the PDL wait: the router wrote them two kernels back; only ``inter`` comes from w13.
     """
-    pdl_wait(PDL)
-    if not LATE_TRIGGER:
-        pdl_trigger(PDL)
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_j = tl.arange(0, K_PAD)
     j_ok = offs_j < TOP_K
     pair = (t * TOP_K + offs_j).to(tl.int64)  # [KP]
-    e = tl.load(ids_ptr + pair, mask=j_ok, other=0).to(tl.int64)
-    w = tl.load(weights_ptr + pair, mask=j_ok, other=0.0).to(tl.float32)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < H
+    if PRELOAD:
+        e = tl.load(ids_ptr + pair, mask=j_ok, other=0, cache_modifier=".cg").to(tl.int64)
+        w = tl.load(weights_ptr + pair, mask=j_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
+                  + offs_k[None, None, :])  # [KP, BN, BK]
+        b_first = tl.load(b_ptrs, mask=j_ok[:, None, None], other=0.0)
+    pdl_wait(PDL)
+    if not LATE_TRIGGER:
+        pdl_trigger(PDL)
+    if not PRELOAD:
+        e = tl.load(ids_ptr + pair, mask=j_ok, other=0).to(tl.int64)
+        w = tl.load(weights_ptr + pair, mask=j_ok, other=0.0).to(tl.float32)
+        b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
+                  + offs_k[None, None, :])  # [KP, BN, BK]
     a_ptrs = inter_ptr + pair[:, None] * stride_it + offs_k[None, :]  # [KP, BK]
-    b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
-              + offs_k[None, None, :])  # [KP, BN, BK]
     acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    k_start = 0
+    if PRELOAD:  # the first chunk, as the loop below would do it (the same summation order)
+        a = tl.load(a_ptrs, mask=j_ok[:, None], other=0.0)
+        acc += tl.sum(b_first.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        k_start = BLOCK_K
+    for k0 in range(k_start, I, BLOCK_K):
         if EVEN:
             a = tl.load(a_ptrs, mask=j_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=j_ok[:, None, None], other=0.0)
@@ -403,17 +420,19 @@ def _fused_moe_gemv(x, w13, w2, topk_weights, topk_ids, cfg: MoeConfig) -> torch
     I, k = w2.shape[2], topk_ids.shape[1]
     inter = _empty(T * k, I, dtype=x.dtype, device=x.device)  # [T·k, I]
     out = _empty(T, H, dtype=x.dtype, device=x.device)
+    even2 = I % cfg.block_k2 == 0 and H % cfg.block_n2 == 0
+    preload = pdl.preload() and even2  # w2 reads its weights before the wait: w13 lets it launch early
     _gemv_w13_silu_kernel[(T * k, triton.cdiv(I, cfg.block_n1))](
         x, w13, inter, topk_ids, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         H=H, I=I, TOP_K=k, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
         EVEN=H % cfg.block_k1 == 0 and I % cfg.block_n1 == 0, num_warps=cfg.num_warps,
-        LATE_TRIGGER=pdl.late_trigger(T * k * triton.cdiv(I, cfg.block_n1)), **launch_args(),
+        LATE_TRIGGER=not preload and pdl.late_trigger(T * k * triton.cdiv(I, cfg.block_n1)), **launch_args(),
     )  # fmt: skip
     _gemv_w2_kernel[(T, triton.cdiv(H, cfg.block_n2))](
         inter, w2, out, topk_weights, topk_ids, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         H=H, I=I, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        EVEN=I % cfg.block_k2 == 0 and H % cfg.block_n2 == 0, num_warps=cfg.num_warps,
-        LATE_TRIGGER=pdl.late_trigger(T * triton.cdiv(H, cfg.block_n2)), **launch_args(),
+        EVEN=even2, num_warps=cfg.num_warps, LATE_TRIGGER=pdl.late_trigger(T * triton.cdiv(H, cfg.block_n2)),
+        PRELOAD=preload, **launch_args(),
     )  # fmt: skip
     return out
 

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.ops import pdl
 from deltaserve.ops.conv1d_triton import _check_index, conv_decode_channels
 from deltaserve.ops.pdl import launch_args, pdl_gate
 
@@ -112,9 +113,8 @@ def _gdn_decode_fused_kernel(
     x_ptr, a_ptr, b_ptr, w_ptr, conv_ptr, ssm_ptr, idx_ptr, pos_ptr, A_log_ptr, dt_bias_ptr, o_ptr,
     sx_b, sa_b, sb_b, scale,
     HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr,
 ):
-    pdl_gate(PDL)
     CONV_DIM: tl.constexpr = 2 * HK * DK + HV * DV
     R: tl.constexpr = HV // HK
     i_b = tl.program_id(0).to(tl.int64)
@@ -125,9 +125,19 @@ def _gdn_decode_fused_kernel(
     m_k = o_k < DK
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-
-    slot = tl.load(idx_ptr + i_b).to(tl.int64)
-    t = tl.load(pos_ptr + i_b).to(tl.int64)
+    s_mask = m_k[:, None] & m_v[None, :]
+    if PRELOAD:
+        # Launched early under PDL: the slot, the position and the state tile were written before the
+        # previous kernel started (the step's inputs; this layer's kernel of an earlier step), so they are
+        # read before the wait, and the state's HBM latency overlaps the in_proj's tail.
+        slot = tl.load(idx_ptr + i_b, cache_modifier=".cg").to(tl.int64)
+        t = tl.load(pos_ptr + i_b, cache_modifier=".cg").to(tl.int64)
+        s_ptrs = ssm_ptr + (slot * HV + i_h) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+        S = tl.load(s_ptrs, mask=s_mask, other=0.0, cache_modifier=".cg")
+    pdl_gate(PDL)
+    if not PRELOAD:
+        slot = tl.load(idx_ptr + i_b).to(tl.int64)
+        t = tl.load(pos_ptr + i_b).to(tl.int64)
     ring = conv_ptr + slot * (W * CONV_DIM)
     x_row = x_ptr + i_b * sx_b
     # q/k channels are shared by R value heads and all v blocks: one of them writes the ring.
@@ -142,8 +152,12 @@ def _gdn_decode_fused_kernel(
     q = _l2norm(q, 1e-6) * scale
     k = _l2norm(k, 1e-6)
 
-    s_ptrs = ssm_ptr + (slot * HV + i_h) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
-    o = _delta_rule_step(q, k, v, g, beta, s_ptrs, m_k[:, None] & m_v[None, :])
+    if PRELOAD:
+        S, o = _delta_rule_update(S.to(tl.float32), q, k, v, g, beta)
+        tl.store(s_ptrs, S.to(s_ptrs.dtype.element_ty), mask=s_mask)
+    else:
+        s_ptrs = ssm_ptr + (slot * HV + i_h) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
+        o = _delta_rule_step(q, k, v, g, beta, s_ptrs, s_mask)
     tl.store(o_ptr + (i_b * HV + i_h) * DV + o_v, o.to(o_ptr.dtype.element_ty), mask=m_v)
 
 
@@ -277,7 +291,8 @@ def gdn_decode_fused(
     _gdn_decode_fused_kernel[(B, Hv, triton.cdiv(Dv, bv))](
         mixed_qkv, a, b, conv_weight, conv_states, ssm_states, state_indices, positions, A_log, dt_bias, o,
         mixed_qkv.stride(0), a.stride(0), b.stride(0), Dk**-0.5 if scale is None else scale,
-        HK=Hk, HV=Hv, DK=Dk, DV=Dv, W=W, BK=triton.next_power_of_2(Dk), BV=bv, num_warps=warps, **launch_args(),
+        HK=Hk, HV=Hv, DK=Dk, DV=Dv, W=W, BK=triton.next_power_of_2(Dk), BV=bv, num_warps=warps,
+        PRELOAD=pdl.preload(), **launch_args(),
     )
     return o
 

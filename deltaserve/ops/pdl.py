@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton never laun
 
 _enabled = False
 _late_trigger: bool | None = None
+_preload = False
 
 # Kernels without a model of what the GPU holds of them at once (the MoE experts) trigger late above this
 # many programs (see :func:`late_trigger`).
@@ -60,13 +61,26 @@ def unavailable(device: torch.device | str | None = None) -> str | None:
     return None
 
 
-def enable(on: bool, device: torch.device | str | None = None, late_trigger: bool | None = None) -> None:
+def enable(on: bool, device: torch.device | str | None = None, late_trigger: bool | None = None,
+           preload: bool = False) -> None:
     """Turn PDL on or off for every kernel launched afterwards in this process; ``late_trigger`` forces
-    :func:`late_trigger`'s answer (None: by grid size)."""
-    global _enabled, _late_trigger
+    :func:`late_trigger`'s answer (None: by grid size); ``preload``: see :func:`preload`."""
+    global _enabled, _late_trigger, _preload
     if on and (why := unavailable(device)):
         raise ValueError(f"pdl=True: {why}")
-    _enabled, _late_trigger = on, late_trigger
+    _enabled, _late_trigger, _preload = on, late_trigger, on and preload
+
+
+def preload() -> bool:
+    """Whether kernels read, before their wait, what was written before the previous kernel started.
+
+    Every deltaserve kernel waits before it triggers, so a kernel launched early starts only after the
+    kernel *two* back has finished: what that one and everything before it wrote (the step's inputs, the
+    router's top-k, the state of an earlier step) can be read before ``griddepcontrol.wait``, and only
+    the previous kernel's output must wait. With it, the MoE down-projection loads its experts' weights
+    (its ids come from the router, two kernels back) and the GDN decode kernel its state tile while the
+    previous kernel runs. Off by default (``--pdl-preload``): not yet measured."""
+    return _preload
 
 
 def late_trigger(programs: int, capacity: int | None = None) -> bool:

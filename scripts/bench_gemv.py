@@ -171,7 +171,7 @@ def occupancy(args: argparse.Namespace) -> None:
         if not hasattr(kern, "n_regs"):
             raise SystemExit(f"this Triton's launch returned {type(kern).__name__}, not the compiled kernel")
         warps, shared, regs = kern.metadata.num_warps, kern.metadata.shared, kern.n_regs
-        by_smem = (228 * 1024) // max(shared + 1024, 1)  # 228 KB per SM, 1 KB reserved per program
+        by_smem = sg.SMEM_PER_SM // (shared + 1024)  # 1 KB reserved per program
         by_regs = 65536 // (((regs * 32 + 255) // 256) * 256 * warps)
         per_sm = min(by_smem, by_regs, 64 // warps, 32)
         programs = grid[0] * grid[1]

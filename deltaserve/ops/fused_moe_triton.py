@@ -352,6 +352,15 @@ def _gemv_w13_silu_kernel(
 
 
 @triton.jit
+def _w2_routes(ids_ptr, weights_ptr, w2_ptr, pair, j_ok, offs_n, offs_k, stride_we, stride_wn,
+               CACHE: tl.constexpr):
+    """The k slots' gate weights ``[KP]`` (fp32) and their experts' w2 tile pointers ``[KP, BN, BK]``."""
+    e = tl.load(ids_ptr + pair, mask=j_ok, other=0, cache_modifier=CACHE).to(tl.int64)
+    w = tl.load(weights_ptr + pair, mask=j_ok, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    return w, w2_ptr + e[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn + offs_k[None, None, :]
+
+
+@triton.jit
 def _gemv_w2_kernel(
     inter_ptr, w2_ptr, out_ptr, weights_ptr, ids_ptr,
     stride_it, stride_we, stride_wn, stride_ot,
@@ -374,20 +383,14 @@ def _gemv_w2_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < H
-    if PRELOAD:
-        e = tl.load(ids_ptr + pair, mask=j_ok, other=0, cache_modifier=".cg").to(tl.int64)
-        w = tl.load(weights_ptr + pair, mask=j_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
-                  + offs_k[None, None, :])  # [KP, BN, BK]
+    if PRELOAD:  # .cg: from L2, where the router's stores landed
+        w, b_ptrs = _w2_routes(ids_ptr, weights_ptr, w2_ptr, pair, j_ok, offs_n, offs_k, stride_we, stride_wn, ".cg")
         b_first = tl.load(b_ptrs, mask=j_ok[:, None, None], other=0.0)
     pdl_wait(PDL)
     if not LATE_TRIGGER:
         pdl_trigger(PDL)
     if not PRELOAD:
-        e = tl.load(ids_ptr + pair, mask=j_ok, other=0).to(tl.int64)
-        w = tl.load(weights_ptr + pair, mask=j_ok, other=0.0).to(tl.float32)
-        b_ptrs = (w2_ptr + e[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
-                  + offs_k[None, None, :])  # [KP, BN, BK]
+        w, b_ptrs = _w2_routes(ids_ptr, weights_ptr, w2_ptr, pair, j_ok, offs_n, offs_k, stride_we, stride_wn, "")
     a_ptrs = inter_ptr + pair[:, None] * stride_it + offs_k[None, :]  # [KP, BK]
     acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
     k_start = 0

@@ -138,6 +138,7 @@ def _gdn_decode_fused_kernel(
     if not PRELOAD:
         slot = tl.load(idx_ptr + i_b).to(tl.int64)
         t = tl.load(pos_ptr + i_b).to(tl.int64)
+        s_ptrs = ssm_ptr + (slot * HV + i_h) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
     ring = conv_ptr + slot * (W * CONV_DIM)
     x_row = x_ptr + i_b * sx_b
     # q/k channels are shared by R value heads and all v blocks: one of them writes the ring.
@@ -156,7 +157,6 @@ def _gdn_decode_fused_kernel(
         S, o = _delta_rule_update(S.to(tl.float32), q, k, v, g, beta)
         tl.store(s_ptrs, S.to(s_ptrs.dtype.element_ty), mask=s_mask)
     else:
-        s_ptrs = ssm_ptr + (slot * HV + i_h) * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
         o = _delta_rule_step(q, k, v, g, beta, s_ptrs, s_mask)
     tl.store(o_ptr + (i_b * HV + i_h) * DV + o_v, o.to(o_ptr.dtype.element_ty), mask=m_v)
 

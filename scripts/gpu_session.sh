@@ -57,7 +57,10 @@ for stage in "$@"; do
               # the engine (tokens and logprobs against the plain path)
       run gpu-next python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py \
         tests/test_fused_moe_gpu.py tests/test_engine_gpu.py \
-        -k "test_skinny_gemm or fused_moe_gpu or pdl_option or pdl_late or skinny_dense_matches" ;;
+        -k "test_skinny_gemm or fused_moe_gpu or pdl_option or pdl_late or skinny_dense_matches"
+      # the kernel tests shared with the interpreter (no gpu marker) that cover --pdl-preload's variants
+      run gpu-next-kernels python3 -m pytest -q -p no:cacheprovider --timeout=600 tests/test_gdn_kernels.py \
+        tests/test_fused_moe.py -k "preload or decode_fused_matches" ;;
     moe-pdl) run moe-pdl python3 scripts/bench_moe.py --pdl-ab --T 1,4,16 ;;
     pdl-ab) # programmatic dependent launch off and on, interleaved twice, 35B-A3B then 9B (N=1, 4, 16)
       for rep in 1 2; do

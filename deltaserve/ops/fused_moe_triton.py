@@ -424,12 +424,16 @@ def _fused_moe_gemv(x, w13, w2, topk_weights, topk_ids, cfg: MoeConfig) -> torch
     inter = _empty(T * k, I, dtype=x.dtype, device=x.device)  # [T·k, I]
     out = _empty(T, H, dtype=x.dtype, device=x.device)
     even2 = I % cfg.block_k2 == 0 and H % cfg.block_n2 == 0
-    preload = pdl.preload() and even2  # w2 reads its weights before the wait: w13 lets it launch early
+    w13_late = pdl.late_trigger(T * k * triton.cdiv(I, cfg.block_n1))
+    # w2 reads its weights before the wait only where w13 may let it launch early: a w13 grid too large to
+    # share the GPU (every decode size of the released shapes) keeps its late trigger, and w2 no preload.
+    # Forcing it (H100, 35B-A3B, 8 layers) cost +3% a block at T=1 and +28% at T=4 (docs/perf/2026-12-06.md).
+    preload = pdl.preload() and even2 and not w13_late
     _gemv_w13_silu_kernel[(T * k, triton.cdiv(I, cfg.block_n1))](
         x, w13, inter, topk_ids, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
         H=H, I=I, TOP_K=k, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
         EVEN=H % cfg.block_k1 == 0 and I % cfg.block_n1 == 0, num_warps=cfg.num_warps,
-        LATE_TRIGGER=not preload and pdl.late_trigger(T * k * triton.cdiv(I, cfg.block_n1)), **launch_args(),
+        LATE_TRIGGER=w13_late and not preload, **launch_args(),
     )  # fmt: skip
     _gemv_w2_kernel[(T, triton.cdiv(H, cfg.block_n2))](
         inter, w2, out, topk_weights, topk_ids, inter.stride(0), w2.stride(0), w2.stride(1), out.stride(0),

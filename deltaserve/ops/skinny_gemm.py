@@ -73,8 +73,8 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
     Wide weights (the GDN in_proj, N >= 8192) have row tiles to spare: 32 rows x 128 K per step, 3 stages
     (35B-A3B 14.7-15.3 us at M <= 16, 1.22-1.26x the floor; 122B-A10B 31.7 us, 1.05x, where 256-wide K
     steps took 40); 64 rows once the token tile is 32 or 64 rows (35B-A3B M=64: 16.3 us, against 22.4),
-    swapped (y^T = w x^T) at 17-32 tokens on the 35B-A3B shape (14.87 us against 15.55,
-    docs/perf/2026-11-28g.md). The PDL trigger is not part of the tile: see :func:`pdl.late_trigger`.
+    swapped (y^T = w x^T) at 17-32 tokens: 35B-A3B 14.87 us against 15.55 (H200, docs/perf/2026-11-28g.md),
+    9B 37.07 against 38.73 and 122B-A10B 45.96 against 47.46 (H100, docs/perf/2026-12-06.md). The PDL trigger is not part of the tile: see :func:`pdl.late_trigger`.
     Narrow ones (the out_proj, N = 2048 or 4096) split K four ways at M <= 16 (35B-A3B 8.2 us, cuBLAS 9.7
     with its split-K reduce; 9B 11.9, cuBLAS 13.4), two ways above. The MoE router GEMM (N = 257) has so
     few rows that K splits eight ways over 32-row tiles: 4.1-4.2 us at M <= 16, against 5.6-5.8 with the
@@ -82,8 +82,7 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
     if N <= 512:
         return GemvConfig(block_n=32 if M <= 16 else 16, block_k=128, num_stages=3, split_k=8 if M <= 16 else 4)
     if N >= 8192:
-        if 16 < M <= 32 and K <= 2048:  # the swapped 64-row tile (wgmma): 35B-A3B M=32 14.87 us against 15.55
-            # (docs/perf/2026-11-28g.md); measured on that shape only, so the 9B / 122B-A10B keep their tile
+        if 16 < M <= 32:  # the swapped 64-row tile (wgmma): faster on all three in_proj shapes measured
             return GemvConfig(block_n=64, block_k=128, num_stages=3, swap=True)
         return GemvConfig(block_n=32 if M <= 16 else 64, block_k=128, num_stages=3)
     if M <= 16:

@@ -199,6 +199,13 @@ for stage in "$@"; do
                  --output "$LOGS/gemv-swap.json" ;;
     gemv-swap-all) run gemv-swap-all python3 scripts/bench_gemv.py --shapes "9B GDN in_proj,122B" --m 32 --pdl --late \
                      --swap --output "$LOGS/gemv-swap-all.json" ;;
+    gemv-m64) # every tile family at 64 tokens on the in_proj shapes: plain and 128-row (--wide), then swapped
+      run gemv-m64 python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj}" --m 64 --wide --pdl \
+        --late --output "$LOGS/gemv-m64.json"
+      run gemv-m64-swap python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj}" --m 64 --pdl \
+        --late --swap --output "$LOGS/gemv-m64-swap.json" ;;
+    engine-pdl) run engine-pdl python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
+                  -k "pdl_option or pdl_late" ;;
     tests-late) run tests-late python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k pdl_late ;;
     gpu-skinny) run gpu-skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;

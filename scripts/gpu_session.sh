@@ -205,7 +205,7 @@ for stage in "$@"; do
       run gemv-m64-swap python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj}" --m 64 --pdl \
         --late --swap --output "$LOGS/gemv-m64-swap.json" ;;
     engine-pdl) run engine-pdl python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
-                  -k "pdl_option or pdl_late" ;;
+                  -k "${ENGINE_PDL_K:-pdl_option or pdl_late}" ;;
     tests-late) run tests-late python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k pdl_late ;;
     gpu-skinny) run gpu-skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;

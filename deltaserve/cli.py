@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from deltaserve.bench.cli import add_bench_args
 
-    bench = sub.add_parser("bench", help="benchmarks: offline, sweep, ab, ttft, startup, layer")
+    bench = sub.add_parser("bench", help="benchmarks: offline, sweep, ab, ttft, startup, layer, profile, step-ab")
     add_bench_args(bench)
     return parser
 

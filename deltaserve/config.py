@@ -18,6 +18,9 @@ from deltaserve.layers.inproj import STRATEGIES
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Options read when a kernel is launched, not when the engine starts (``ModelRunner.apply_kernel_options``):
+# a CUDA graph keeps those of its capture, so one process can hold graphs captured under different ones.
+KERNEL_OPTIONS = ("skinny_out_proj", "skinny_dense", "pdl", "pdl_late_trigger", "pdl_preload", "skinny_prefetch")
 
 
 def _f(default: Any, help: str, **kw) -> Any:

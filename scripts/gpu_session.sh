@@ -206,11 +206,12 @@ for stage in "$@"; do
         --late --swap --output "$LOGS/gemv-m64-swap.json" ;;
     engine-pdl) run engine-pdl python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k "${ENGINE_PDL_K:-pdl_option or pdl_late}" ;;
-    step-ab-*) # step-ab-<preset>: STEP_A vs STEP_B (default serial vs fused) on the whole decode step, interleaved
+    step-ab-*) # step-ab-<preset>: STEP_A vs STEP_B (default serial vs fused; STEP_A_FLAGS / STEP_B_FLAGS: a side's
+               # own kernel options) on the whole decode step, interleaved in one process
       preset=${stage#step-ab-}
       run "$stage" python3 -m deltaserve.cli bench step-ab --preset "$preset" \
         $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --a "${STEP_A:-serial}" \
-        --b "${STEP_B:-fused}" --batch "${STEP_BATCH:-1,2,4,8,16}" --trials "${STEP_TRIALS:-10}" \
+        --b "${STEP_B:-fused}" --a-flags="${STEP_A_FLAGS:-}" --b-flags="${STEP_B_FLAGS:-}" --batch "${STEP_BATCH:-1,2,4,8,16}" --trials "${STEP_TRIALS:-10}" \
         --replays "${STEP_REPLAYS:-10}" --output "$LOGS/$stage.json" ;;
     tests-late) run tests-late python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k pdl_late ;;

@@ -56,7 +56,12 @@ def test_forced_strategy_restores_the_plan_also_when_the_block_raises():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--a", "fused", "--b", "fused"], "--a and --b are both 'fused': give two different strategies"),
+    (["--a", "fused", "--b", "fused"], "--a and --b are both 'fused' with the same options: give two different"),
+    (["--a", "fused", "--b", "fused", "--b-flags=--skinny-dense"], "--a and --b are both 'fused' with the same"),
+    (["--b-flags=--max-num-seqs 4"], "--b-flags '--max-num-seqs 4' changes max_num_seqs, fixed when the engine "
+                                     "starts: a side may only change the options read at kernel launch"),
+    (["--a-flags=--bogus"], "--a-flags: unrecognized arguments: --bogus"),
+    (["--b-flags=--pdl-preload"], "pdl_preload=True is invalid"),
     (["--a", "nope"], "--a 'nope' is not an in_proj strategy: use one of serial, dual, fused, fused_gemv, auto"),
     (["--b", "gemv"], "--b 'gemv' is not an in_proj strategy"),
     (["--trials", "1"], "--trials 1 is too small: use a value >= 2"),
@@ -68,3 +73,27 @@ def test_step_ab_names_a_value_it_cannot_run_with(capsys, argv, message):
     assert main(["bench", "step-ab", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_side_flags_apply_their_kernel_options_to_their_side_only(tmp_path, monkeypatch):
+    """``--b-flags``: B's steps run with B's kernel options, A's with the engine's; the engine's are back
+    afterwards."""
+    import deltaserve.engine.runner as runner_module
+
+    seen = []
+    original = runner_module.ModelRunner.apply_kernel_options
+
+    def recording(self, cfg):
+        seen.append(cfg.skinny_dense)
+        original(self, cfg)
+
+    monkeypatch.setattr(runner_module.ModelRunner, "apply_kernel_options", recording)
+    out = tmp_path / "step-ab.json"
+    assert main(["--log-level", "warning", "bench", "step-ab", "--a", "fused", "--b", "fused",
+                 "--b-flags=--no-skinny-dense", "--batch", "1", "--trials", "2", "--replays", "1",
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["a_flags"], report["b_flags"]) == ("", "--no-skinny-dense")
+    assert seen[0] is True  # the engine's own, at start-up
+    assert seen.count(False) == 3  # B's warm-up sample and its two trials, each restored afterwards
+    assert seen[-1] is True

@@ -20,13 +20,21 @@ L2 and understate the step. Both graph sets are captured in this process, on the
 ``auto`` is the engine's own per-bucket choice, tuned at start-up: the engine starts with
 ``--inproj auto`` when either side is ``auto``, else with ``--inproj fused`` (the strategy of the
 engine does not matter otherwise: each side forces its own).
+
+``--a-flags`` / ``--b-flags`` give a side engine options of its own, limited to those read when a
+kernel is launched (``config.KERNEL_OPTIONS``: PDL, its trigger and preload, the skinny-GEMM choices
+and prefetch), which a graph keeps from its capture. So the same strategy under two kernel options
+(``--a fused --b fused --b-flags=--pdl-preload``) is an A/B of that option on the whole step, in the
+same process, where ``bench offline`` runs in separate passes differ by 2-6%.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import shlex
 import time
 from collections.abc import Callable, Iterator
 
@@ -52,6 +60,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a", default="serial", help=f"strategy A, one of {', '.join(STRATEGIES)} (auto: the engine's "
                                                  "tuned per-bucket choice; --inproj is then auto, else fused)")
     p.add_argument("--b", default="fused", help="strategy B (the same choices); deltas are B against A")
+    p.add_argument("--a-flags", default="", help="engine options of side A alone, from those read at kernel "
+                                                 "launch (e.g. --a-flags=--no-pdl); the others are shared")
+    p.add_argument("--b-flags", default="", help="engine options of side B alone (e.g. --b-flags=--pdl-preload)")
     p.add_argument("--batch", default="1,2,4,8,16", help="comma-separated batch sizes N")
     p.add_argument("--trials", type=int, default=30, help="A/B pairs per N (alternating which runs first)")
     p.add_argument("--replays", type=int, default=20, help="decode steps timed per sample")
@@ -66,8 +77,6 @@ def check_args(args: argparse.Namespace) -> list[int]:
         if value not in STRATEGIES:
             raise ConfigError(f"{flag} {value!r} is not an in_proj strategy: "
                               f"use one of {', '.join(STRATEGIES)}")
-    if args.a == args.b:
-        raise ConfigError(f"--a and --b are both {args.a!r}: give two different strategies to compare")
     try:
         batches = sorted({int(b) for b in args.batch.split(",")})
     except ValueError:
@@ -80,6 +89,49 @@ def check_args(args: argparse.Namespace) -> list[int]:
         raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size}: bench step-ab times one process "
                           "on one device; use 1")
     return batches
+
+
+class _SideFlagParser(argparse.ArgumentParser):
+    """Parses one side's ``--a-flags`` / ``--b-flags``; a bad flag is a ConfigError naming the side."""
+
+    def __init__(self, side: str):
+        super().__init__(prog=f"--{side}-flags", add_help=False)
+        self.side = side
+
+    def error(self, message: str):
+        from deltaserve.errors import ConfigError
+
+        raise ConfigError(f"--{self.side}-flags: {message}")
+
+
+def side_config(args: argparse.Namespace, base, side: str, flags: str):
+    """The engine config of one side: ``base`` with ``flags`` on top, which may change only
+    ``config.KERNEL_OPTIONS`` (the rest is fixed when the engine starts)."""
+    from deltaserve.config import KERNEL_OPTIONS, EngineConfig
+    from deltaserve.errors import ConfigError
+
+    parser = _SideFlagParser(side)
+    EngineConfig.add_cli_args(parser)
+    ns = parser.parse_args(shlex.split(flags), namespace=argparse.Namespace(**vars(args)))  # args: the defaults
+    cfg = EngineConfig.from_cli_args(ns)
+    fixed = [f.name for f in dataclasses.fields(cfg)
+             if f.name not in KERNEL_OPTIONS and getattr(cfg, f.name) != getattr(base, f.name)]
+    if fixed:
+        allowed = ", ".join("--" + o.replace("_", "-") for o in KERNEL_OPTIONS)
+        raise ConfigError(f"--{side}-flags {flags!r} changes {', '.join(fixed)}, fixed when the engine starts: "
+                          f"a side may only change the options read at kernel launch ({allowed}); give the "
+                          "others once, for both sides")
+    return cfg
+
+
+@contextlib.contextmanager
+def kernel_options(runner, cfg, base) -> Iterator[None]:
+    """Kernels launch with ``cfg``'s kernel options inside the block, with ``base``'s afterwards."""
+    runner.apply_kernel_options(cfg)
+    try:
+        yield
+    finally:
+        runner.apply_kernel_options(base)
 
 
 @contextlib.contextmanager
@@ -104,20 +156,21 @@ def decode_at_position_one(graphs, slots: list[int]) -> None:
     graphs.state_slots.copy_(torch.tensor(slots, dtype=torch.int32))
 
 
-def build_step(runner, strategy: str, sizes: list[int], slots: list[int]):
-    """A ``DecodeGraphs`` set with ``strategy`` forced: captured on CUDA, run eagerly on the CPU."""
+def build_step(runner, strategy: str, cfg, sizes: list[int], slots: list[int]):
+    """A ``DecodeGraphs`` set with ``strategy`` forced and ``cfg``'s kernel options: captured on CUDA,
+    run eagerly on the CPU."""
     from deltaserve.engine.cuda_graph import DecodeGraphs
 
     graphs = DecodeGraphs(runner.model, sizes, runner.max_blocks_per_seq, runner.block_size,
                           runner.states.scratch_slot, runner.kv.scratch_block, runner.device)
     if runner.device.type == "cuda":
-        with forced_strategy(runner.plan, strategy):
+        with forced_strategy(runner.plan, strategy), kernel_options(runner, cfg, runner.cfg):
             graphs.capture()
     decode_at_position_one(graphs, slots)
     return graphs
 
 
-def step_timer(runner, graphs, strategy: str, replays: int) -> Callable[[int], float]:
+def step_timer(runner, graphs, strategy: str, cfg, replays: int) -> Callable[[int], float]:
     """``sample(n)``: mean ms per decode step of ``n`` rows over ``replays`` consecutive steps."""
     if runner.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -133,7 +186,8 @@ def step_timer(runner, graphs, strategy: str, replays: int) -> Callable[[int], f
     else:
         @torch.inference_mode()
         def sample(n: int) -> float:
-            with forced_strategy(runner.plan, strategy):  # eager steps read the plan at every layer
+            # eager steps read the plan and the kernel options at every layer
+            with forced_strategy(runner.plan, strategy), kernel_options(runner, cfg, runner.cfg):
                 t0 = time.perf_counter()
                 for _ in range(replays):
                     graphs._forward(n)
@@ -155,13 +209,18 @@ def run_pairs(samplers: dict[str, Callable[[int], float]], n: int, trials: int) 
 def main(args: argparse.Namespace) -> int:
     from deltaserve.config import EngineConfig
     from deltaserve.engine.engine import LLMEngine
+    from deltaserve.errors import ConfigError
 
     batches = check_args(args)
     resolve_model(args)
     args.inproj = "auto" if "auto" in (args.a, args.b) else "fused"
     args.enforce_eager = True  # the engine's own graphs are not the ones timed here
+    args.max_num_seqs = max(args.max_num_seqs, batches[-1])
     cfg = EngineConfig.from_cli_args(args)
-    cfg.max_num_seqs = max(cfg.max_num_seqs, batches[-1])
+    configs = {"A": side_config(args, cfg, "a", args.a_flags), "B": side_config(args, cfg, "b", args.b_flags)}
+    if args.a == args.b and configs["A"] == configs["B"]:
+        raise ConfigError(f"--a and --b are both {args.a!r} with the same options: give two different "
+                          "strategies, or different --a-flags / --b-flags")
     engine = LLMEngine(cfg)
     runner, on_gpu = engine.runner, engine.runner.device.type == "cuda"
     bw = measure_copy_bandwidth(runner.device)
@@ -169,8 +228,8 @@ def main(args: argparse.Namespace) -> int:
     slots = [runner.states.alloc() for _ in range(batches[-1])]
     sets = {}
     try:
-        sets = {side: build_step(runner, s, batches, slots) for side, s in sides.items()}
-        samplers = {side: step_timer(runner, sets[side], s, args.replays) for side, s in sides.items()}
+        sets = {side: build_step(runner, s, configs[side], batches, slots) for side, s in sides.items()}
+        samplers = {side: step_timer(runner, sets[side], s, configs[side], args.replays) for side, s in sides.items()}
         results = []
         for n in batches:
             ms = run_pairs(samplers, n, args.trials)
@@ -191,7 +250,8 @@ def main(args: argparse.Namespace) -> int:
     print(format_environment(env))
     print(f"model: {mc.architecture} ({args.preset or cfg.model or 'the built-in demo model'}), "
           f"{mc.num_hidden_layers} layers, dtype {runner.dtype}, state {cfg.state_dtype}; engine inproj {cfg.inproj}")
-    print(f"A = {args.a}, B = {args.b}: {'CUDA-graph replays' if on_gpu else 'eager steps'}, {args.trials} "
+    a, b = (f"{s}{f' ({flags})' if flags else ''}" for s, flags in ((args.a, args.a_flags), (args.b, args.b_flags)))
+    print(f"A = {a}, B = {b}: {'CUDA-graph replays' if on_gpu else 'eager steps'}, {args.trials} "
           f"interleaved pairs of {args.replays} steps per N")
     print(f"roof: the step's bytes at the copy bandwidth ({bw / 1e9:.0f} GB/s, read + write) over its time")
     print(f"{'N':>4} {'A ms/step':>10} {'B ms/step':>10} {'B vs A [95% CI]':>26}  {'A roof':>6} {'B roof':>6}  "
@@ -203,7 +263,8 @@ def main(args: argparse.Namespace) -> int:
               f"{100 * r['a_fraction']:>5.1f}% {100 * r['b_fraction']:>5.1f}%  {c['verdict']}")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"environment": env, "a": args.a, "b": args.b, "trials": args.trials,
+            json.dump({"environment": env, "a": args.a, "b": args.b, "a_flags": args.a_flags,
+                       "b_flags": args.b_flags, "trials": args.trials,
                        "replays": args.replays, "context_len": CONTEXT_LEN, "copy_bandwidth": bw,
                        "config": {k: str(v) for k, v in vars(cfg).items()}, "results": results}, f, indent=2)
     return 0

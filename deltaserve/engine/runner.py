@@ -63,16 +63,11 @@ class ModelRunner:
         with layer_arg_mode(cfg.layer_arg):
             self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, self.plan, cfg.seed)
         self.model.set_moe_router(cfg.moe_router)
-        self.model.set_skinny(cfg.skinny_out_proj, cfg.skinny_dense)
         if on_gpu:  # the split kernels' arrival counters, made before any CUDA-graph capture
             from deltaserve.ops.arrival import prepare
 
             prepare(self.device)
-        from deltaserve.ops import pdl, skinny_gemm
-
-        # process-wide, for every launch from here on
-        pdl.enable(cfg.pdl, self.device if on_gpu else None, cfg.pdl_late_trigger, cfg.pdl_preload)
-        skinny_gemm.set_pdl_prefetch(cfg.skinny_prefetch)
+        self.apply_kernel_options(cfg)
         if on_gpu:
             late = {None: "by grid size", True: "always", False: "never"}[cfg.pdl_late_trigger]
             logger.info("programmatic dependent launch %s%s", "on" if cfg.pdl else "off",
@@ -112,6 +107,17 @@ class ModelRunner:
             logger.info("compiled graphs: %d", compiled_graph_count())  # read by `bench startup`
 
     # -- caches ---------------------------------------------------------------------------------------
+    def apply_kernel_options(self, cfg: EngineConfig) -> None:
+        """Set ``cfg``'s ``config.KERNEL_OPTIONS`` for every launch from here on (process-wide). They are read
+        when a kernel is launched, so a CUDA graph keeps those of its capture: ``bench step-ab`` captures
+        one graph set per side with its own."""
+        from deltaserve.ops import pdl, skinny_gemm
+
+        self.model.set_skinny(cfg.skinny_out_proj, cfg.skinny_dense)
+        pdl.enable(cfg.pdl, self.device if self.device.type == "cuda" else None, cfg.pdl_late_trigger,
+                   cfg.pdl_preload)
+        skinny_gemm.set_pdl_prefetch(cfg.skinny_prefetch)
+
     def _allocate_caches(self) -> None:
         cfg, mc = self.cfg, self.model_config
         slot_bytes = state_bytes_per_slot(mc, self.dtype, cfg.torch_state_dtype, cfg.tensor_parallel_size)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import shlex
 import time
@@ -112,16 +111,14 @@ def side_config(args: argparse.Namespace, base, side: str, flags: str):
 
     parser = _SideFlagParser(side)
     EngineConfig.add_cli_args(parser)
-    ns = parser.parse_args(shlex.split(flags), namespace=argparse.Namespace(**vars(args)))  # args: the defaults
-    cfg = EngineConfig.from_cli_args(ns)
-    fixed = [f.name for f in dataclasses.fields(cfg)
-             if f.name not in KERNEL_OPTIONS and getattr(cfg, f.name) != getattr(base, f.name)]
+    given = {k: v for k, v in vars(parser.parse_args(shlex.split(flags))).items() if v != parser.get_default(k)}
+    fixed = [name for name in given if name not in KERNEL_OPTIONS]
     if fixed:
         allowed = ", ".join("--" + o.replace("_", "-") for o in KERNEL_OPTIONS)
         raise ConfigError(f"--{side}-flags {flags!r} changes {', '.join(fixed)}, fixed when the engine starts: "
                           f"a side may only change the options read at kernel launch ({allowed}); give the "
                           "others once, for both sides")
-    return cfg
+    return EngineConfig.from_cli_args(argparse.Namespace(**{**vars(args), **given}))
 
 
 @contextlib.contextmanager

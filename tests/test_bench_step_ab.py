@@ -77,7 +77,7 @@ def test_step_ab_names_a_value_it_cannot_run_with(capsys, argv, message):
 
 def test_side_flags_apply_their_kernel_options_to_their_side_only(tmp_path, monkeypatch):
     """``--b-flags``: B's steps run with B's kernel options, A's with the engine's; the engine's are back
-    afterwards."""
+    afterwards. The shared options (here the preset's model) stay shared."""
     import deltaserve.engine.runner as runner_module
 
     seen = []
@@ -89,7 +89,8 @@ def test_side_flags_apply_their_kernel_options_to_their_side_only(tmp_path, monk
 
     monkeypatch.setattr(runner_module.ModelRunner, "apply_kernel_options", recording)
     out = tmp_path / "step-ab.json"
-    assert main(["--log-level", "warning", "bench", "step-ab", "--a", "fused", "--b", "fused",
+    # a --preset (a model path shared by both sides, which a side's flags must not reset)
+    assert main(["--log-level", "warning", "bench", "step-ab", "--preset", "tiny", "--a", "fused", "--b", "fused",
                  "--b-flags=--no-skinny-dense", "--batch", "1", "--trials", "2", "--replays", "1",
                  "--output", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -97,3 +98,23 @@ def test_side_flags_apply_their_kernel_options_to_their_side_only(tmp_path, monk
     assert seen[0] is True  # the engine's own, at start-up
     assert seen.count(False) == 3  # B's warm-up sample and its two trials, each restored afterwards
     assert seen[-1] is True
+
+
+def test_rows_decode_distinct_tokens(monkeypatch):
+    """Each row gets its own input token (an MoE routes identical rows to the same k experts, which would
+    understate an N-batch's step), fixed by the seed."""
+    import deltaserve.bench.step_ab as step_ab
+
+    tokens = step_ab.row_tokens(16, 1000)
+    assert tokens.equal(step_ab.row_tokens(16, 1000)) and len(set(tokens.tolist())) > 8
+    assert 10 <= int(tokens.min()) and int(tokens.max()) < 1000
+    written = []
+    original = step_ab.decode_at_position_one
+
+    def recording(graphs, slots, tokens):
+        original(graphs, slots, tokens)
+        written.append(graphs.input_ids.tolist())
+
+    monkeypatch.setattr(step_ab, "decode_at_position_one", recording)
+    assert main(["--log-level", "warning", "bench", "step-ab", "--batch", "1,4", "--trials", "2", "--replays", "1"]) == 0
+    assert len(written) == 2 and written[0] == written[1] and len(set(written[0])) == 4

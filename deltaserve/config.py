@@ -71,8 +71,10 @@ class EngineConfig:
                                              "(MoE experts: > 512 programs; docs/perf/2026-11-28g.md); "
                                              "--pdl-late-trigger / --no-pdl-late-trigger force it.")
     pdl_preload: bool = _f(False, "With PDL: kernels read before their wait what was written before the previous "
-                                  "kernel started: the MoE down-projection its experts' weights, the GDN decode "
-                                  "kernel its state tile (off: not yet measured).")
+                                  "kernel started: the GDN decode kernel its state tile; the MoE down-projection "
+                                  "its experts' weights where its w13 grid is small enough. Off: measured no "
+                                  "faster (H100, 35B-A3B: -0.2% at N=1, +0.4-0.8% at N=2-16; "
+                                  "docs/perf/2026-12-06.md).")
     skinny_prefetch: int = _f(0, "With PDL: the skinny GEMM asks for the first N columns of its weight rows in L2 "
                                  "before it waits on the previous kernel (0: off, the default; a power of two >= 64). "
                                  "After a norm kernel 128 columns saved 0.2-0.3 us a GEMM, between GEMMs it cost "

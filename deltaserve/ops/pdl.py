@@ -79,7 +79,10 @@ def preload() -> bool:
     router's top-k, the state of an earlier step) can be read before ``griddepcontrol.wait``, and only
     the previous kernel's output must wait. With it, the MoE down-projection loads its experts' weights
     (its ids come from the router, two kernels back) and the GDN decode kernel its state tile while the
-    previous kernel runs. Off by default (``--pdl-preload``): not yet measured."""
+    previous kernel runs (the MoE only where its w13 grid may trigger early: see ``fused_moe_triton``).
+    Off by default (``--pdl-preload``): on an H100 it made the 35B-A3B step 0.2% faster at N=1 and
+    0.4-0.8% slower at 2-16 tokens (docs/perf/2026-12-06.md): the kernels it overlaps with are
+    already bandwidth-bound."""
     return _preload
 
 

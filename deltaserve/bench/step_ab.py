@@ -106,8 +106,8 @@ class _SideFlagParser(argparse.ArgumentParser):
         raise ConfigError(f"--{self.side}-flags: {message}")
 
 
-def side_config(args: argparse.Namespace, base, side: str, flags: str):
-    """The engine config of one side: ``base`` with ``flags`` on top, which may change only
+def side_config(args: argparse.Namespace, side: str, flags: str):
+    """The engine config of one side: the shared ``args`` with ``flags`` on top, which may change only
     ``config.KERNEL_OPTIONS`` (the rest is fixed when the engine starts)."""
     from deltaserve.config import KERNEL_OPTIONS, EngineConfig
     from deltaserve.errors import ConfigError
@@ -223,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
     args.enforce_eager = True  # the engine's own graphs are not the ones timed here
     args.max_num_seqs = max(args.max_num_seqs, batches[-1])
     cfg = EngineConfig.from_cli_args(args)
-    configs = {"A": side_config(args, cfg, "a", args.a_flags), "B": side_config(args, cfg, "b", args.b_flags)}
+    configs = {"A": side_config(args, "a", args.a_flags), "B": side_config(args, "b", args.b_flags)}
     if args.a == args.b and configs["A"] == configs["B"]:
         raise ConfigError(f"--a and --b are both {args.a!r} with the same options: give two different "
                           "strategies, or different --a-flags / --b-flags")

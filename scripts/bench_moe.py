@@ -149,9 +149,10 @@ def sweep_router(case: Case, top: int) -> None:
 
 def pdl_ab(layers: list[Layer], Ts: list[int], k: int) -> None:
     """The experts and the whole block (router + experts) with PDL off, on with every kernel's trigger at
-    its start, on with the trigger after the main loop, and on with ``--pdl-preload`` and every trigger early (w2 reads
-    its weights before its wait; by grid size the engine's w13 triggers late at every decode size of the
-    released shapes, and w2 then does not preload), interleaved forwards then backwards."""
+    its start, on with the trigger after the main loop, and on with ``--pdl-preload`` and every trigger
+    early (w2 reads its weights before its wait; by grid size the engine's w13 triggers late at every
+    decode size of the released shapes, and w2 then does not preload), interleaved forwards then
+    backwards."""
     from deltaserve.ops import pdl
 
     variants = [("no PDL", False, None, False), ("early", True, False, False), ("late", True, True, False),

@@ -125,13 +125,13 @@ def side_config(args: argparse.Namespace, side: str, flags: str):
 
 
 @contextlib.contextmanager
-def kernel_options(runner, cfg, base) -> Iterator[None]:
-    """Kernels launch with ``cfg``'s kernel options inside the block, with ``base``'s afterwards."""
+def kernel_options(runner, cfg) -> Iterator[None]:
+    """Kernels launch with ``cfg``'s kernel options inside the block, with the engine's own afterwards."""
     runner.apply_kernel_options(cfg)
     try:
         yield
     finally:
-        runner.apply_kernel_options(base)
+        runner.apply_kernel_options(runner.cfg)
 
 
 @contextlib.contextmanager
@@ -170,7 +170,7 @@ def build_step(runner, strategy: str, cfg, sizes: list[int], slots: list[int], t
     graphs = DecodeGraphs(runner.model, sizes, runner.max_blocks_per_seq, runner.block_size,
                           runner.states.scratch_slot, runner.kv.scratch_block, runner.device)
     if runner.device.type == "cuda":
-        with forced_strategy(runner.plan, strategy), kernel_options(runner, cfg, runner.cfg):
+        with forced_strategy(runner.plan, strategy), kernel_options(runner, cfg):
             graphs.capture()
     decode_at_position_one(graphs, slots, tokens)
     return graphs
@@ -193,7 +193,7 @@ def step_timer(runner, graphs, strategy: str, cfg, replays: int) -> Callable[[in
         @torch.inference_mode()
         def sample(n: int) -> float:
             # eager steps read the plan and the kernel options at every layer
-            with forced_strategy(runner.plan, strategy), kernel_options(runner, cfg, runner.cfg):
+            with forced_strategy(runner.plan, strategy), kernel_options(runner, cfg):
                 t0 = time.perf_counter()
                 for _ in range(replays):
                     graphs._forward(n)

@@ -74,7 +74,8 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
     (35B-A3B 14.7-15.3 us at M <= 16, 1.22-1.26x the floor; 122B-A10B 31.7 us, 1.05x, where 256-wide K
     steps took 40); 64 rows once the token tile is 32 or 64 rows (35B-A3B M=64: 16.3 us, against 22.4),
     swapped (y^T = w x^T) at 17-32 tokens: 35B-A3B 14.87 us against 15.55 (H200, docs/perf/2026-11-28g.md),
-    9B 37.07 against 38.73 and 122B-A10B 45.96 against 47.46 (H100, docs/perf/2026-12-06.md). The PDL trigger is not part of the tile: see :func:`pdl.late_trigger`.
+    9B 37.07 against 38.73 and 122B-A10B 45.96 against 47.46 (H100, docs/perf/2026-12-06.md). The PDL
+    trigger is not part of the tile: see :func:`pdl.late_trigger`.
     Narrow ones (the out_proj, N = 2048 or 4096) split K four ways at M <= 16 (35B-A3B 8.2 us, cuBLAS 9.7
     with its split-K reduce; 9B 11.9, cuBLAS 13.4), two ways above. The MoE router GEMM (N = 257) has so
     few rows that K splits eight ways over 32-row tiles: 4.1-4.2 us at M <= 16, against 5.6-5.8 with the

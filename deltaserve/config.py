@@ -93,6 +93,13 @@ class EngineConfig:
                                          "35B-A3B shape, H200).")
     seed: int = _f(0, "Seed of the sampler's default generator and of dummy weights.")
     tensor_parallel_size: int = _f(1, "Processes/GPUs the model is split over (gloo on CPU, NCCL on GPU).")
+    async_scheduling: bool | None = _f(None, "Schedule and launch step t+1 while the GPU runs step t: its "
+                                             "decodes read step t's tokens on the device, and the host handles "
+                                             "step t's outputs while step t+1 runs, so the GPU does not idle "
+                                             "between steps. Outputs reach callers one step later; a request "
+                                             "that stops on a token or string costs one dropped row. Default: "
+                                             "on with a CUDA device and one rank (tensor parallelism needs "
+                                             "every token on the host).")
     debug_step_delay_ms: float = _f(0.0, "TEST ONLY: sleep this long in every engine step (to check that "
                                          "benchmarks detect a slower server).")
 
@@ -133,6 +140,11 @@ class EngineConfig:
                     "use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda"):
             self._check(torch.cuda.is_available(), "device", self.device, "no CUDA device is visible: use cpu")
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.startswith("cuda") and self.tensor_parallel_size == 1
+        self._check(not self.async_scheduling or self.tensor_parallel_size == 1, "async_scheduling",
+                    self.async_scheduling, "only rank 0 holds the sampled tokens: use --no-async-scheduling with "
+                    "tensor_parallel_size > 1")
         from deltaserve.ops.pdl import unavailable
 
         why = unavailable(self.device)
@@ -178,8 +190,9 @@ class EngineConfig:
         return [s for s in (16, 32, 64) if s <= limit] or [limit]
 
     def non_defaults(self) -> dict[str, Any]:
+        resolved = ("device", "pdl", "async_scheduling")  # set at init from the machine
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != f.default and f.name not in ("device", "pdl")}  # resolved at init
+                if getattr(self, f.name) != f.default and f.name not in resolved}
 
     # -- CLI ----------------------------------------------------------------------------------------
     @classmethod

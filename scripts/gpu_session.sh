@@ -213,6 +213,14 @@ for stage in "$@"; do
         $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --a "${STEP_A:-serial}" \
         --b "${STEP_B:-fused}" --a-flags="${STEP_A_FLAGS:-}" --b-flags="${STEP_B_FLAGS:-}" --batch "${STEP_BATCH:-1,2,4,8,16}" --trials "${STEP_TRIALS:-10}" \
         --replays "${STEP_REPLAYS:-10}" --output "$LOGS/$stage.json" ;;
+    async-tests) run async-tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
+                   tests/test_engine_gpu.py -k "async or batched_greedy or transformers" ;;
+    async-ab-*) # async-ab-<preset>: bench offline with async scheduling off and on, interleaved in one process
+      preset=${stage#async-ab-}
+      run "$stage" python3 -m deltaserve.cli bench offline --preset "$preset" \
+        $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --batch "${AB_BATCH:-1,4,16}" \
+        --output-len "${AB_LEN:-128}" --repeats "${AB_REPEATS:-4}" --max-num-seqs 16 --async-ab \
+        --output "$LOGS/$stage.json" ;;
     tests-late) run tests-late python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k pdl_late ;;
     gpu-skinny) run gpu-skinny python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=600 tests/test_skinny_gemm.py ;;

@@ -21,9 +21,11 @@ def model_dir(tmp_path_factory):
     return make_model("tiny", tmp_path_factory.mktemp("tiny"), dtype="float32", seed=7)
 
 
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    return LLM(str(model_dir), max_num_seqs=8)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(model_dir, request):
+    """The engine both ways: each step landed before the next is scheduled, and async scheduling (the
+    GPU default: step t+1 launched before step t lands)."""
+    return LLM(str(model_dir), max_num_seqs=8, async_scheduling=request.param)
 
 
 def assert_pools_full(llm: LLM) -> None:
@@ -54,7 +56,8 @@ def test_batched_greedy_equals_single_and_transformers(llm, model_dir):
 def test_chunked_prefill_equals_unchunked(model_dir, llm):
     prompts = _prompts(4, seed=1) + [list(range(10, 300))]
     expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
-    small = LLM(str(model_dir), max_num_seqs=4, max_num_batched_tokens=16)
+    small = LLM(str(model_dir), max_num_seqs=4, max_num_batched_tokens=16,
+                async_scheduling=llm.engine.async_scheduling)
     assert [o.token_ids for o in small.generate(prompts, GREEDY)] == expected
     assert_pools_full(small)
 
@@ -65,7 +68,7 @@ def test_preemption_recomputes_to_the_same_output(model_dir, llm):
     expected = [o.token_ids for o in llm.generate(prompts, params)]
     # 20 blocks of 8 tokens: 6 requests of up to 150 tokens cannot all fit, so some get preempted.
     tiny_kv = LLM(str(model_dir), max_num_seqs=6, block_size=8, kv_cache_memory=21 * 8 * 2 * 2 * 32 * 4,
-                  max_model_len=160)
+                  max_model_len=160, async_scheduling=llm.engine.async_scheduling)
     assert tiny_kv.engine.runner.kv.num_blocks == 20
     got = [o.token_ids for o in tiny_kv.generate(prompts, params)]
     assert got == expected

@@ -261,3 +261,68 @@ def test_skinny_dense_matches_cublas(tmp_path, kind):
         assert b.token_ids == a.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
             assert abs(x["logprob"] - y["logprob"]) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen3_5_moe"])
+def test_async_scheduling_gives_the_same_tokens_and_logprobs(tmp_path, kind):
+    """Async scheduling changes when the host works, not what the GPU computes: with every request
+    admitted at once (the same batches both ways), bf16, graph decodes reading their input token from the
+    previous step's samples on the device give the synchronous engine's tokens and logprobs bit for bit;
+    seeded sampling and a stop token included."""
+    d = _tiny_or_hf(tmp_path, kind, "bfloat16", seed=7)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 90) for _ in range(n)] for n in (3, 20, 70, 9, 33, 1)]
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)] * 4 + [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=16, ignore_eos=True, logprobs=0),
+        SamplingParams(temperature=0.7, min_tokens=3, seed=4, max_tokens=16, ignore_eos=True, logprobs=2)]
+    outs = {}
+    for on in (False, True):
+        llm = LLM(str(d), dtype="bfloat16", max_num_seqs=8, gpu_memory_utilization=0.3, async_scheduling=on)
+        assert llm.engine.async_scheduling == on and llm.engine.runner.graphs is not None
+        outs[on] = llm.generate(prompts, params)
+        stop = SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[outs[on][0].token_ids[5]])
+        outs[on].append(llm.generate([prompts[0]], stop)[0])
+        llm.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    for a, b in zip(outs[False], outs[True], strict=True):
+        assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
+        assert [x["logprob"] for x in b.logprobs or []] == [x["logprob"] for x in a.logprobs or []]
+
+
+def test_async_decode_launch_never_waits_for_the_gpu(tiny):
+    """What makes the overlap real: launching a decode step (graph inputs, placeholder tokens, sampling
+    with filters, min_tokens and logprobs, the copy of the samples to the host) makes no call that waits
+    for the device. torch's sync debug mode turns any such call into an error."""
+    llm = LLM(str(tiny), dtype="bfloat16", max_num_seqs=4, gpu_memory_utilization=0.2)
+    e = llm.engine
+    assert e.async_scheduling and e.runner.graphs is not None  # the CUDA default
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, top_k=40, min_p=0.01, seed=1, max_tokens=40,
+                             ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.7, min_tokens=30, max_tokens=40, stop_token_ids=[7])]
+    reqs = [e.make_request([5 + i] * (3 + 10 * i), p) for i, p in enumerate(params)]
+    for r in reqs:
+        e.add_request(r)
+    while any(not r.output_token_ids for r in reqs):  # prefills landed: every later step is a decode
+        e.step()
+    launch, launched = e.runner.launch, []
+
+    def strict(scheduled, prev=None):
+        assert all(s.num_tokens == 1 for s in scheduled)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = launch(scheduled, prev)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        launched.append(prev is not None)
+        return out
+
+    e.runner.launch = strict
+    try:
+        for _ in range(10):
+            e.step()
+    finally:
+        del e.runner.launch
+    assert len(launched) == 10 and all(launched)  # each one read its inputs from the step in flight
+    llm.shutdown()

@@ -14,8 +14,9 @@ import logging
 
 import torch
 
-from deltaserve.engine.batch import SeqInput
+from deltaserve.engine.batch import SeqInput, resolve_placeholders
 from deltaserve.forward_context import BatchMeta, forward_batch
+from deltaserve.host import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -107,23 +108,26 @@ class DecodeGraphs(_GraphSet):
     def can_run(self, seqs: list[SeqInput]) -> bool:
         return 0 < len(seqs) <= self.max_bs and all(len(s.token_ids) == 1 and s.context_len > 0 for s in seqs)
 
-    def run(self, seqs: list[SeqInput]) -> torch.Tensor:
-        """Logits ``[B, V]`` for a decode-only batch (a view into the graph's output: use before the next run)."""
+    def run(self, seqs: list[SeqInput], prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, V]`` for a decode-only batch (a view into the graph's output: use before the next run).
+        A placeholder token id reads its value from ``prev``, the previous step's samples on the device.
+        Only queued copies: the host never waits here, so it may prepare this step while the last one runs."""
         B = len(seqs)
         bs = self.sizes[bisect.bisect_left(self.sizes, B)]
         pos = [s.context_len for s in seqs]
         bsz = self.block_size
         width = max(len(s.block_table) for s in seqs)
-        table = torch.tensor([s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in seqs],
-                             dtype=torch.int32)
-        host = torch.tensor([[s.token_ids[0] for s in seqs], pos,
-                             [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(seqs, pos)]], dtype=torch.int64)
-        small = torch.tensor([[s.state_slot for s in seqs], [p + 1 for p in pos], pos], dtype=torch.int32)
-        host, small = host.pin_memory().to(self.input_ids.device, non_blocking=True), small.pin_memory().to(
-            self.input_ids.device, non_blocking=True)
-        self.input_ids[:B], self.positions[:B], self.slot_mapping[:B] = host[0], host[1], host[2]
+        device = self.input_ids.device
+        table = to_device([s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in seqs],
+                          torch.int32, device)
+        ids = [s.token_ids[0] for s in seqs]
+        host = to_device([ids, pos, [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(seqs, pos)]],
+                         torch.int64, device)
+        small = to_device([[s.state_slot for s in seqs], [p + 1 for p in pos], pos], torch.int32, device)
+        self.input_ids[:B] = resolve_placeholders(host[0], prev) if min(ids) < 0 else host[0]
+        self.positions[:B], self.slot_mapping[:B] = host[1], host[2]
         self.state_slots[:B], self.seq_lens[:B], self.context_lens[:B] = small[0], small[1], small[2]
-        self.block_tables[:B, :width] = table.to(self.block_tables.device, non_blocking=True)
+        self.block_tables[:B, :width] = table
         if self._live > B:  # rows a larger batch used last time become padding again
             self._reset_padding(B)
         self._live = B
@@ -197,8 +201,7 @@ class PrefillGraphs(_GraphSet):
 
     def _set_lengths(self, t: int, size: int) -> None:
         """Device-side lengths for a prompt of ``t`` tokens in a graph of ``size`` (nothing stored)."""
-        lengths = torch.tensor([0, t, size, t, size - t, t - 1], dtype=torch.int64).pin_memory().to(
-            self.input_ids.device, non_blocking=True)
+        lengths = to_device([0, t, size, t, size - t, t - 1], torch.int64, self.input_ids.device)
         self.query_start_loc.copy_(lengths[:3])
         self.seq_lens.copy_(lengths[3:5])
         self.last.copy_(lengths[5:])
@@ -207,9 +210,10 @@ class PrefillGraphs(_GraphSet):
         self.input_ids[t:size] = 0
 
     def can_run(self, seqs: list[SeqInput]) -> bool:
-        """One fresh prompt (no context), shorter than the largest size, whose blocks fit the table."""
+        """One fresh prompt (no context, no pending token), shorter than the largest size, whose blocks fit
+        the table."""
         return (len(seqs) == 1 and seqs[0].context_len == 0 and 0 < len(seqs[0].token_ids) < self.sizes[-1]
-                and len(seqs[0].block_table) <= self.block_tables.shape[1])
+                and len(seqs[0].block_table) <= self.block_tables.shape[1] and min(seqs[0].token_ids) >= 0)
 
     def run(self, seqs: list[SeqInput]) -> torch.Tensor:
         """Logits ``[1, V]`` of the prompt's last token (a view into the graph's output: use before the next run)."""
@@ -218,11 +222,11 @@ class PrefillGraphs(_GraphSet):
         size = self.sizes[bisect.bisect_right(self.sizes, t)]  # strictly larger: the padding is never empty
         self._set_lengths(t, size)
         bsz = self.block_size
-        host = torch.tensor([s.token_ids, list(range(t)), [s.block_table[p // bsz] * bsz + p % bsz for p in range(t)]],
-                            dtype=torch.int64).pin_memory().to(self.input_ids.device, non_blocking=True)
+        device = self.input_ids.device
+        host = to_device([s.token_ids, list(range(t)), [s.block_table[p // bsz] * bsz + p % bsz for p in range(t)]],
+                         torch.int64, device)
         self.input_ids[:t], self.positions[:t], self.slot_mapping[:t] = host[0], host[1], host[2]
         self.state_slots[:1] = s.state_slot
-        self.block_tables[0, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32).pin_memory().to(
-            self.block_tables.device, non_blocking=True)
+        self.block_tables[0, : len(s.block_table)] = to_device(s.block_table, torch.int32, device)
         self.graphs[size].replay()
         return self.logits[size]

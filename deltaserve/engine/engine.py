@@ -1,10 +1,18 @@
-"""LLMEngine: requests in, tokens out. One step is ``schedule -> execute -> postprocess``."""
+"""LLMEngine: requests in, tokens out. One step is ``schedule -> launch -> land``.
+
+With async scheduling the landing of step t happens after step t+1 is launched: the host's bookkeeping
+(detokenising, stop checks, streaming) and the next step's scheduling and input copies run while the GPU
+computes, instead of between two GPU steps. Step t+1 reads step t's tokens on the device (placeholders,
+``Request.pending``), so the only cost is that a request stopping on a token or a stop string has
+already been given one more row, which is dropped.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +23,7 @@ from deltaserve.engine.request import Request, RequestOutput, Status
 from deltaserve.engine.runner import ModelRunner
 from deltaserve.engine.scheduler import Scheduled, Scheduler
 from deltaserve.errors import CheckpointError, InvalidRequestError, PromptTooLongError
-from deltaserve.layers.sampler import SampleResult
+from deltaserve.layers.sampler import PendingSample
 from deltaserve.sampling import SamplingParams
 from deltaserve.tokenizer import Tokenizer
 
@@ -35,6 +43,14 @@ def resolve_model_dir(model: str | None) -> Path:
     return path
 
 
+@dataclass
+class _Launched:
+    """A step on the device: the requests of its sampled rows, in row order, and their samples."""
+
+    requests: list[Request]
+    sample: PendingSample
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -52,6 +68,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.async_scheduling = cfg.async_scheduling
+        self._inflight: _Launched | None = None  # async scheduling: the launched step not yet landed
+        if self.async_scheduling:
+            logger.info("async scheduling: each step is scheduled and launched while the previous one runs")
 
     # -- requests ------------------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -100,7 +120,7 @@ class LLMEngine:
         return self._output(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def shutdown(self) -> None:
         """Stop tensor-parallel workers (a no-op for a single process)."""
@@ -108,28 +128,62 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step that landed.
+
+        Synchronous: the step launched now, once it is done. With async scheduling: the step launched by
+        the previous call, handled while this call's step runs on the device (its decodes read the
+        previous step's tokens there). Aborts and new requests between calls take effect at the next
+        schedule either way."""
         if self.cfg.debug_step_delay_ms:
             time.sleep(self.cfg.debug_step_delay_ms / 1000)
+        outputs = []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and any(r.params.repetition_penalty != 1.0 and not r.finished for r in prev.requests):
+            outputs += self._land(prev)  # the penalty needs every token of the history on the host
+            prev = None
         scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
-        result = self.runner.execute(scheduled)
-        return self._postprocess(scheduled, result)
+        if scheduled:
+            step = self._launch(scheduled, prev)
+            if self.async_scheduling:
+                self._inflight = step
+            else:
+                outputs += self._land(step)
+        if prev is not None:
+            outputs += self._land(prev)
+        if self._inflight is not None and all(r.finished for r in self._inflight.requests):
+            self._inflight = None  # nothing of it will be delivered: no need to wait for it
+        return outputs
 
-    def _postprocess(self, scheduled: list[Scheduled], result: SampleResult) -> list[RequestOutput]:
-        now, outputs, k = time.monotonic(), [], 0
-        for s in scheduled:
-            req, samples = s.request, s.samples
+    def _launch(self, scheduled: list[Scheduled], prev: _Launched | None) -> _Launched:
+        """Queue ``scheduled`` on the device and move its requests past it: their computed tokens count
+        at once and each sampled token is pending (a placeholder for the next step) until it lands."""
+        samples = [s.samples for s in scheduled]  # before num_computed moves
+        sample = self.runner.launch(scheduled, prev.sample if prev is not None else None)
+        now, requests = time.monotonic(), []
+        for s, sampled in zip(scheduled, samples):
+            req = s.request
             req.first_scheduled_time = req.first_scheduled_time or now
             req.num_computed += s.num_tokens
             if req.num_computed <= len(req.prompt_token_ids):
                 self.stats["prompt_tokens"] += s.num_tokens
-            if not samples:
+            if sampled:
+                req.pending.append(len(requests))
+                requests.append(req)
+        return _Launched(requests, sample)
+
+    def _land(self, step: _Launched) -> list[RequestOutput]:
+        """Wait for ``step``'s tokens and hand them to their requests. A request that finished or was aborted
+        after the launch drops its row."""
+        result = step.sample.result()
+        now, outputs = time.monotonic(), []
+        for row, req in enumerate(step.requests):
+            if req.finished:
                 continue
-            token = result.token_ids[k]
-            logprob = result.logprobs[k] if result.logprobs else None
-            k += 1
-            self._append(req, token, logprob, now)
+            if not req.pending or req.pending[0] != row:
+                raise RuntimeError(f"request {req.request_id}: step row {row} lands out of order "
+                                   f"(pending rows {req.pending})")
+            req.pending.pop(0)
+            self._append(req, result.token_ids[row], result.logprobs[row] if result.logprobs else None, now)
             outputs.append(self._output(req))
         return outputs
 
@@ -146,7 +200,7 @@ class LLMEngine:
             reason = "stop"
         elif req.detok is not None and token not in req.stop_ids and req.detok.add(token):
             reason = "stop"
-        elif n >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        elif n >= req.max_tokens or len(req.prompt_token_ids) + n >= self.max_model_len:
             reason = "length"
         if reason:
             self.scheduler.finish(req, reason)

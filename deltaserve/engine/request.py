@@ -12,6 +12,11 @@ from deltaserve.engine.detokenizer import IncrementalDetokenizer
 from deltaserve.sampling import SamplingParams
 
 
+def placeholder(row: int) -> int:
+    """The input id standing for row ``row`` of the previous step's samples (token ids are >= 0)."""
+    return -1 - row
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -32,6 +37,10 @@ class Request:
     logprobs: list[dict] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV / state are in the caches
+    # Tokens sampled by a launched step that the host has not seen yet (async scheduling): for each, oldest
+    # first, its row among that step's samples. They count in ``num_tokens``; ``output_token_ids`` has
+    # only the tokens the host knows.
+    pending: list[int] = field(default_factory=list)
     state_slot: int | None = None
     block_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -46,13 +55,20 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.pending)
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens sampled so far, pending ones included."""
+        return len(self.output_token_ids) + len(self.pending)
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)``; a pending one reads as :func:`placeholder` of its row (the runner
+        takes its value from the previous step's samples on the device)."""
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        return (self.prompt_token_ids + self.output_token_ids + [placeholder(r) for r in self.pending])[start:end]
 
     @property
     def finished(self) -> bool:

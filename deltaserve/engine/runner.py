@@ -24,9 +24,10 @@ from deltaserve.engine.state_cache import StateCache, state_bytes_per_slot
 from deltaserve.errors import ConfigError
 from deltaserve.fla_configs import use_shipped_fla_configs
 from deltaserve.forward_context import forward_batch
+from deltaserve.host import to_device
 from deltaserve.layers.inproj import InProjPlan
 from deltaserve.layers.layer_ref import layer_arg_mode
-from deltaserve.layers.sampler import Sampler, SampleResult, SampleRow
+from deltaserve.layers.sampler import PendingSample, Sampler, SampleResult, SampleRow
 from deltaserve.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -202,18 +203,20 @@ class ModelRunner:
         logger.info("warmed %d step shapes in %.1f s", len(batches), time.perf_counter() - t0)
 
     # -- one step -------------------------------------------------------------------------------------
-    def _forward(self, seqs: list[SeqInput], sample_rows: list[int]) -> torch.Tensor:
-        """Logits of the last token of each sequence in ``sample_rows``."""
+    def _forward(self, seqs: list[SeqInput], sample_rows: list[int], prev: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """Logits of the last token of each sequence in ``sample_rows``. ``prev``: the previous step's
+        sampled tokens on the device, read for placeholder ids (``request.placeholder``)."""
         if self.graphs is not None and self.graphs.can_run(seqs):
-            logits = self.graphs.run(seqs)
+            logits = self.graphs.run(seqs, prev)
             return logits if len(sample_rows) == len(seqs) else logits[sample_rows]
         if self.prefill_graphs is not None and self.prefill_graphs.can_run(seqs):
             return self.prefill_graphs.run(seqs)[sample_rows]
-        ids, positions, meta = build_batch(seqs, self.block_size, self.device)
+        ids, positions, meta = build_batch(seqs, self.block_size, self.device, prev=prev)
         with torch.inference_mode(), forward_batch(meta):
             hidden = self.model(ids, positions)
             last = meta.query_start_loc_cpu[1:][sample_rows].to(torch.long) - 1
-            return self.model.compute_logits(hidden[last.to(self.device)])
+            return self.model.compute_logits(hidden[to_device(last, torch.long, self.device)])
 
     def prepare(self, scheduled: list[Scheduled]) -> tuple[list[SeqInput], list[int]]:
         """The step's model inputs (what tensor-parallel rank 0 broadcasts) and the rows that sample."""
@@ -222,23 +225,36 @@ class ModelRunner:
         return seqs, [i for i, s in enumerate(scheduled) if s.samples]
 
     @torch.inference_mode()
-    def forward(self, seqs: list[SeqInput], sample_rows: list[int]) -> torch.Tensor:
-        return self._forward(seqs, sample_rows)
+    def forward(self, seqs: list[SeqInput], sample_rows: list[int], prev: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self._forward(seqs, sample_rows, prev)
 
-    def sample(self, scheduled: list[Scheduled], sample_rows: list[int], logits: torch.Tensor) -> SampleResult:
+    def sample(self, scheduled: list[Scheduled], sample_rows: list[int], logits: torch.Tensor) -> PendingSample:
         if not sample_rows:
-            return SampleResult([], None)
+            return PendingSample(torch.empty(0, dtype=torch.long, device=self.device))
         rows = []
         for i in sample_rows:
             r = scheduled[i].request
-            history = r.prompt_token_ids + r.output_token_ids if r.params.repetition_penalty != 1.0 else None
-            rows.append(SampleRow(r.params, history, len(r.output_token_ids), r.stop_ids, r.generator))
+            history = None
+            if r.params.repetition_penalty != 1.0:
+                if r.pending:  # LLMEngine lands such a request's step before it schedules the next
+                    raise RuntimeError(f"request {r.request_id}: a repetition penalty needs every earlier token "
+                                       "on the host, and one is still in flight")
+                history = r.prompt_token_ids + r.output_token_ids
+            rows.append(SampleRow(r.params, history, r.num_generated, r.stop_ids, r.generator))
         return self.sampler(logits, rows)
 
-    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
-        """Run one step; returns one token per scheduled request that catches up (``Scheduled.samples``)."""
+    @torch.inference_mode()
+    def launch(self, scheduled: list[Scheduled], prev: PendingSample | None = None) -> PendingSample:
+        """Queue one step: its forward and its sampling. Returns without waiting for the device; the
+        tokens of ``prev`` (the step before, maybe still running) feed this one's placeholder inputs."""
         seqs, sample_rows = self.prepare(scheduled)
-        return self.sample(scheduled, sample_rows, self.forward(seqs, sample_rows))
+        logits = self.forward(seqs, sample_rows, prev.tokens if prev is not None else None)
+        return self.sample(scheduled, sample_rows, logits)
+
+    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
+        """Run one step and wait for it: one token per scheduled request that catches up."""
+        return self.launch(scheduled).result()
 
     def shutdown(self) -> None:
         """Release the decode graphs (a tensor-parallel rank must before it destroys its NCCL group)."""

@@ -14,6 +14,12 @@ does, the step's sample becomes the request's next token. There is no separate "
   and slot are freed, ``num_computed`` drops to 0, and it goes to the front of the queue to be
   recomputed from its prompt and the tokens it already generated.
 * GDN state cannot be rolled back, so a request's slot is never shared and never partially reused.
+
+With async scheduling (``LLMEngine``) a step is scheduled while the previous one still runs: a
+request's token from that step is *pending* (``Request.pending``; it counts in ``num_tokens``, its
+value is read on the device), so the request simply decodes it next. One whose pending token is its
+last (``max_tokens``) is not scheduled again. A slot or block freed while a launched step still
+writes to it is safe to hand out: every later write is queued behind that step on the same stream.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.pending and req.num_generated >= req.max_tokens:
+                i += 1  # its in-flight token is its last: it finishes when that token lands
+                continue
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve_blocks(req, req.num_computed + n):
                 preempted = True
@@ -115,6 +124,7 @@ class Scheduler:
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
         req.status, req.finish_reason = Status.FINISHED, reason
+        req.pending.clear()  # an in-flight step's row for it is dropped when it lands
 
     def _release(self, req: Request) -> None:
         self.kv.free(req.block_ids)

@@ -26,7 +26,7 @@ from pathlib import Path
 from deltaserve.config import EngineConfig
 from deltaserve.engine.scheduler import Scheduled
 from deltaserve.errors import EngineDeadError
-from deltaserve.layers.sampler import SampleResult
+from deltaserve.layers.sampler import PendingSample, SampleResult
 
 logger = logging.getLogger(__name__)
 
@@ -133,14 +133,21 @@ class TPExecutor:
             raise EngineDeadError(f"tensor-parallel worker failed: {names or 'see below'}"
                                   + (f"\n{detail[1]}" if detail else ""))
 
-    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
+    def launch(self, scheduled: list[Scheduled], prev: PendingSample | None = None) -> PendingSample:
+        """Broadcast the step, run rank 0's share and sample. Only rank 0 has the samples, so the workers
+        cannot read pending tokens: ``EngineConfig`` keeps async scheduling off with more than one rank."""
         from deltaserve.distributed import broadcast_object
 
+        if prev is not None:
+            raise RuntimeError("tensor-parallel steps take every input token from the host (no async scheduling)")
         self._raise_worker_error()
         seqs, sample_rows = self.runner.prepare(scheduled)
         broadcast_object((seqs, sample_rows))
         logits = self.runner.forward(seqs, sample_rows)
         return self.runner.sample(scheduled, sample_rows, logits)
+
+    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
+        return self.launch(scheduled).result()
 
     def shutdown(self) -> None:
         if self._closed:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deltaserve.host import to_device
 from deltaserve.sampling import SamplingParams
 
 
@@ -31,13 +32,48 @@ class SampleResult:
     logprobs: list[dict] | None  # per row: {"token": id, "logprob": x, "top": [(id, logprob), ...]}, or None
 
 
+class PendingSample:
+    """One step's samples, still on the device. ``tokens`` feeds the next step's inputs without the host;
+    :meth:`result` waits for the step and returns the host's copy (on CUDA, copied into pinned memory as
+    soon as the sampler's kernels are queued, so waiting is all that is left)."""
+
+    def __init__(self, tokens: torch.Tensor, logprob_parts: tuple[torch.Tensor, ...] = (),
+                 logprob_counts: list[int | None] | None = None):
+        self.tokens = tokens  # [B] int64, on the device
+        self._counts = logprob_counts  # per row: the top-k asked for, or None for no logprobs
+        parts = (tokens, *logprob_parts)
+        self._event = None
+        if tokens.is_cuda:
+            parts = tuple(torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(p, non_blocking=True)
+                          for p in parts)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._host = parts
+        self._result: SampleResult | None = None
+
+    def result(self) -> SampleResult:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            token_list = self._host[0].tolist()
+            lp = None
+            if self._counts is not None:
+                chosen, top_v, top_i = (p.tolist() for p in self._host[1:])
+                lp = [None if n is None else {"token": token_list[i], "logprob": chosen[i],
+                                              "top": list(zip(top_i[i][:n], top_v[i][:n]))}
+                      for i, n in enumerate(self._counts)]
+            self._result = SampleResult(token_list, lp)
+        return self._result
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
-        """logits ``[B, V]`` float32 (one row per entry of ``rows``) -> one token per row."""
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> PendingSample:
+        """logits ``[B, V]`` float32 (one row per entry of ``rows``) -> one token per row. Queues the work
+        and returns at once: nothing here waits for the device."""
         B, V = logits.shape
         params = [r.params for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
@@ -46,14 +82,17 @@ class Sampler:
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
-            greedy = torch.tensor([p.greedy for p in params], device=self.device)
-            temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=self.device)
+            greedy = to_device([p.greedy for p in params], torch.bool, self.device)
+            temp = to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, self.device)
             probs = self._filter(torch.softmax(logits / temp[:, None], dim=-1), params)
             sampled = (probs / self._noise(B, V, rows)).argmax(-1)
             tokens = torch.where(greedy, logits.argmax(-1), sampled)
-        token_list = tokens.tolist()
-        lp = self._logprobs(raw_logprobs, tokens, token_list, params) if want_logprobs else None
-        return SampleResult(token_list, lp)
+        if not want_logprobs:
+            return PendingSample(tokens)
+        k = max(p.logprobs or 0 for p in params)
+        chosen = raw_logprobs.gather(-1, tokens[:, None])[:, 0]
+        top_v, top_i = raw_logprobs.topk(k, dim=-1) if k else (raw_logprobs[:, :0], tokens[:, None][:, :0])
+        return PendingSample(tokens, (chosen, top_v, top_i), [p.logprobs for p in params])
 
     def _penalise(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         B, V = logits.shape
@@ -61,27 +100,26 @@ class Sampler:
             seen = torch.zeros(B, V, dtype=torch.bool, device=self.device)
             for i, r in enumerate(rows):
                 if r.params.repetition_penalty != 1.0 and r.token_history:
-                    ids = torch.tensor([t for t in r.token_history if t < V], dtype=torch.long)
-                    seen[i, ids.to(self.device)] = True
-            pen = torch.tensor([r.params.repetition_penalty for r in rows], device=self.device)[:, None]
+                    seen[i, to_device([t for t in r.token_history if t < V], torch.long, self.device)] = True
+            pen = to_device([r.params.repetition_penalty for r in rows], torch.float32, self.device)[:, None]
             logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
         banned = [(i, t) for i, r in enumerate(rows) if r.num_output < r.params.min_tokens
                   for t in r.stop_ids if t < V]
         if banned:
             logits = logits.clone()
             rr, cc = zip(*banned)
-            logits[torch.tensor(rr, device=self.device), torch.tensor(cc, device=self.device)] = float("-inf")
+            logits[to_device(rr, torch.long, self.device), to_device(cc, torch.long, self.device)] = float("-inf")
         return logits
 
     def _filter(self, probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         V = probs.shape[1]
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=self.device)[:, None]
+            min_p = to_device([p.min_p for p in params], torch.float32, self.device)[:, None]
             probs = torch.where(probs < min_p * probs.max(-1, keepdim=True).values, 0.0, probs)
         if any(0 < p.top_k < V or p.top_p < 1.0 for p in params):
             sorted_p, order = probs.sort(-1, descending=True)
-            top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=self.device)
-            top_p = torch.tensor([p.top_p for p in params], device=self.device)
+            top_k = to_device([p.top_k if 0 < p.top_k < V else V for p in params], torch.long, self.device)
+            top_p = to_device([p.top_p for p in params], torch.float32, self.device)
             rank = torch.arange(V, device=self.device)[None]
             # Keep a token if it is within top-k and the mass before it is < top_p (the first always stays).
             mass_before = sorted_p.cumsum(-1) - sorted_p
@@ -95,20 +133,3 @@ class Sampler:
             if r.generator is not None:
                 q[i].exponential_(generator=r.generator)
         return q
-
-    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, token_list: list[int],
-                  params: list[SamplingParams]) -> list[dict]:
-        k = max(p.logprobs or 0 for p in params)
-        chosen = raw.gather(-1, tokens[:, None])[:, 0].tolist()
-        top_v, top_i = raw.topk(k, dim=-1) if k else (None, None)
-        top_v = top_v.tolist() if k else None
-        top_i = top_i.tolist() if k else None
-        out = []
-        for i, p in enumerate(params):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            n = p.logprobs
-            top = list(zip(top_i[i][:n], top_v[i][:n])) if n else []
-            out.append({"token": token_list[i], "logprob": chosen[i], "top": top})
-        return out

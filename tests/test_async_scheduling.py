@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -217,3 +218,132 @@ def test_config_default_and_tensor_parallel_refusal():
     with pytest.raises(ConfigError, match=r"async_scheduling=True .*--no-async-scheduling"):
         EngineConfig(model="x", device="cpu", async_scheduling=True, tensor_parallel_size=2)
     assert EngineConfig(model="x", device="cpu", tensor_parallel_size=2).async_scheduling is False
+
+
+def test_turning_async_off_mid_flight_lands_in_order(engines):
+    """Switching to synchronous steps with a step in flight lands that step first (each pending token is
+    keyed by its step, so tokens can never land out of order)."""
+    sync, asyn = engines
+    e = asyn.engine
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = sync.generate([[1, 2, 3]], p)[0].token_ids
+    r = e.make_request([1, 2, 3], p)
+    e.add_request(r)
+    e.step()
+    e.step()
+    assert e._inflight is not None and r.pending
+    e.async_scheduling = False
+    try:
+        while e.has_unfinished():
+            e.step()
+    finally:
+        e.async_scheduling = True
+    assert r.output_token_ids == expected
+    assert_idle(asyn)
+
+
+def test_a_failed_launch_keeps_the_step_in_flight(engines):
+    """If launching step t+1 raises (say, out of memory), step t is not lost: the next step lands it."""
+    sync, asyn = engines
+    e = asyn.engine
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = sync.generate([[4, 5, 6]], p)[0].token_ids
+    r = e.make_request([4, 5, 6], p)
+    e.add_request(r)
+    e.step()
+    e.step()
+    inflight = e._inflight
+
+    def fail(*args, **kwargs):
+        raise MemoryError("simulated: out of device memory")
+
+    e.runner.launch = fail
+    try:
+        with pytest.raises(MemoryError):
+            e.step()
+    finally:
+        del e.runner.launch
+    assert e._inflight is inflight and r.pending
+    while e.has_unfinished():
+        e.step()
+    assert r.output_token_ids == expected
+    assert_idle(asyn)
+
+
+def test_async_engine_streams_and_aborts_under_async_scheduling(model_dir, engines):
+    """The server's loop (AsyncEngine) over an async-scheduling engine: concurrent streams get the
+    synchronous engine's tokens; a client leaving early aborts its request with its step in flight."""
+    import asyncio
+
+    from deltaserve.engine.async_engine import AsyncEngine
+
+    sync, _ = engines
+    prompts = [[7, 8, 9], [10] * 20, [11, 12], [13] * 45, [14]]
+    params = SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
+    expected = [o.token_ids for o in sync.generate(prompts, params)]
+    ae = AsyncEngine(EngineConfig(model=str(model_dir), max_num_seqs=3, async_scheduling=True))
+    assert ae.engine.async_scheduling
+    ae.start()
+
+    async def stream(i: int, leave_after: int | None = None) -> list[int]:
+        tokens = []
+        async for out in ae.generate(prompts[i], params, f"r{i}"):
+            tokens += out.delta_token_ids
+            if leave_after is not None and len(tokens) >= leave_after:
+                break  # the client goes away: the request is aborted
+        return tokens
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(stream(i, 4 if i == 1 else None) for i in range(len(prompts))))
+
+    try:
+        got = asyncio.run(run())
+        for i, (g, want) in enumerate(zip(got, expected)):
+            assert g == (want[: len(g)] if i == 1 else want)
+        assert len(got[1]) >= 4
+        for _ in range(100):  # the abort is applied by the loop thread
+            if not ae.num_unfinished and ae.usage()["slots_free"] == ae.usage()["slots_total"]:
+                break
+            time.sleep(0.05)
+        u = ae.usage()
+        assert ae.num_unfinished == 0 and u["slots_free"] == u["slots_total"] and u["kv_free"] == u["kv_total"]
+    finally:
+        ae.shutdown()
+
+
+def _random_workload(seed: int, max_len: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    rng = random.Random(seed)
+    prompts, params = [], []
+    for _ in range(rng.randrange(3, 9)):
+        prompts.append([rng.randrange(5, 1900) for _ in range(min(rng.choice([1, 2, 5, 17, 40, 90]), max_len - 2))])
+        kw = {"max_tokens": rng.choice([1, 2, 3, 10, 40, None]), "ignore_eos": rng.random() < 0.5}
+        kw.update(temperature=0) if rng.random() < 0.5 else kw.update(temperature=0.9, seed=rng.randrange(1000))
+        if rng.random() < 0.3:
+            kw["stop_token_ids"] = [rng.randrange(5, 1900) for _ in range(30)]
+        if rng.random() < 0.3:
+            kw["min_tokens"] = min(rng.randrange(5), kw["max_tokens"] or 5)
+        if rng.random() < 0.3:
+            kw["logprobs"] = rng.randrange(3)
+        if rng.random() < 0.15:
+            kw["repetition_penalty"] = 1.3
+        params.append(SamplingParams(**kw))
+    return prompts, params
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(max_num_seqs=4, max_num_batched_tokens=16, block_size=8, kv_cache_memory=21 * 8 * 2 * 2 * 32 * 4,
+         max_model_len=160),  # 20 KV blocks: chunked prefills and preemptions
+    dict(max_num_seqs=3, max_num_batched_tokens=9, block_size=8, max_model_len=64),  # the context limit
+], ids=["preempting", "short-context"])
+def test_random_workloads_match_sync(model_dir, cfg):
+    """Random mixes of chunked prompts, decodes, max_tokens (1 to the context), stop ids, min_tokens,
+    logprobs, seeds and penalties, under KV pressure: async scheduling gives the synchronous tokens and
+    finish reasons, and leaves every slot and block free."""
+    sync, asyn = (LLM(str(model_dir), async_scheduling=a, **cfg) for a in (False, True))
+    for seed in range(6):
+        prompts, params = _random_workload(seed, cfg["max_model_len"])
+        for x, y in zip(sync.generate(prompts, params), asyn.generate(prompts, params), strict=True):
+            assert (y.token_ids, y.finish_reason) == (x.token_ids, x.finish_reason), (seed, x.request_id)
+        assert_idle(asyn)
+    if cfg.get("kv_cache_memory"):
+        assert asyn.engine.scheduler.num_preemptions > 0

@@ -120,6 +120,11 @@ class AsyncEngine:
     # -- loop side --------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            device = self.engine.runner.device
+            if device.type == "cuda":  # a thread starts on GPU 0: make the engine's GPU this thread's current one
+                import torch
+
+                torch.cuda.set_device(device)
             while True:
                 block = not self.engine.has_unfinished()
                 if not self._drain(block):

@@ -45,8 +45,9 @@ def resolve_model_dir(model: str | None) -> Path:
 
 @dataclass
 class _Launched:
-    """A step on the device: the requests of its sampled rows, in row order, and their samples."""
+    """A step on the device: its launch number, the requests of its sampled rows in row order, their samples."""
 
+    number: int
     requests: list[Request]
     sample: PendingSample
 
@@ -70,6 +71,7 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         self.async_scheduling = cfg.async_scheduling
         self._inflight: _Launched | None = None  # async scheduling: the launched step not yet landed
+        self._launches = 0
         if self.async_scheduling:
             logger.info("async scheduling: each step is scheduled and launched while the previous one runs")
 
@@ -138,12 +140,19 @@ class LLMEngine:
             time.sleep(self.cfg.debug_step_delay_ms / 1000)
         outputs = []
         prev, self._inflight = self._inflight, None
-        if prev is not None and any(r.params.repetition_penalty != 1.0 and not r.finished for r in prev.requests):
-            outputs += self._land(prev)  # the penalty needs every token of the history on the host
+        if prev is not None and (not self.async_scheduling or any(
+                r.params.repetition_penalty != 1.0 and not r.finished for r in prev.requests)):
+            # Synchronous (async scheduling turned off with a step in flight), or the penalty needs every
+            # token of the history on the host: land it before scheduling.
+            outputs += self._land(prev)
             prev = None
         scheduled = self.scheduler.schedule()
         if scheduled:
-            step = self._launch(scheduled, prev)
+            try:
+                step = self._launch(scheduled, prev)
+            except BaseException:
+                self._inflight = prev  # still on the device: the next step lands it
+                raise
             if self.async_scheduling:
                 self._inflight = step
             else:
@@ -159,6 +168,7 @@ class LLMEngine:
         at once and each sampled token is pending (a placeholder for the next step) until it lands."""
         samples = [s.samples for s in scheduled]  # before num_computed moves
         sample = self.runner.launch(scheduled, prev.sample if prev is not None else None)
+        self._launches += 1
         now, requests = time.monotonic(), []
         for s, sampled in zip(scheduled, samples):
             req = s.request
@@ -167,9 +177,9 @@ class LLMEngine:
             if req.num_computed <= len(req.prompt_token_ids):
                 self.stats["prompt_tokens"] += s.num_tokens
             if sampled:
-                req.pending.append(len(requests))
+                req.pending.append((self._launches, len(requests)))
                 requests.append(req)
-        return _Launched(requests, sample)
+        return _Launched(self._launches, requests, sample)
 
     def _land(self, step: _Launched) -> list[RequestOutput]:
         """Wait for ``step``'s tokens and hand them to their requests. A request that finished or was aborted
@@ -179,9 +189,9 @@ class LLMEngine:
         for row, req in enumerate(step.requests):
             if req.finished:
                 continue
-            if not req.pending or req.pending[0] != row:
-                raise RuntimeError(f"request {req.request_id}: step row {row} lands out of order "
-                                   f"(pending rows {req.pending})")
+            if not req.pending or req.pending[0] != (step.number, row):
+                raise RuntimeError(f"request {req.request_id}: row {row} of step {step.number} lands out of order "
+                                   f"(pending (step, row): {req.pending})")
             req.pending.pop(0)
             self._append(req, result.token_ids[row], result.logprobs[row] if result.logprobs else None, now)
             outputs.append(self._output(req))

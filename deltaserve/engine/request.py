@@ -38,9 +38,9 @@ class Request:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV / state are in the caches
     # Tokens sampled by a launched step that the host has not seen yet (async scheduling): for each, oldest
-    # first, its row among that step's samples. They count in ``num_tokens``; ``output_token_ids`` has
-    # only the tokens the host knows.
-    pending: list[int] = field(default_factory=list)
+    # first, (that step's launch number, its row among the step's samples). They count in ``num_tokens``;
+    # ``output_token_ids`` has only the tokens the host knows.
+    pending: list[tuple[int, int]] = field(default_factory=list)
     state_slot: int | None = None
     block_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -68,7 +68,7 @@ class Request:
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids + [placeholder(r) for r in self.pending])[start:end]
+        return (self.prompt_token_ids + self.output_token_ids + [placeholder(r) for _, r in self.pending])[start:end]
 
     @property
     def finished(self) -> bool:

@@ -208,15 +208,21 @@ class ModelRunner:
         """Logits of the last token of each sequence in ``sample_rows``. ``prev``: the previous step's
         sampled tokens on the device, read for placeholder ids (``request.placeholder``)."""
         if self.graphs is not None and self.graphs.can_run(seqs):
-            logits = self.graphs.run(seqs, prev)
-            return logits if len(sample_rows) == len(seqs) else logits[sample_rows]
+            return self._rows(self.graphs.run(seqs, prev), sample_rows)
         if self.prefill_graphs is not None and self.prefill_graphs.can_run(seqs):
-            return self.prefill_graphs.run(seqs)[sample_rows]
+            return self._rows(self.prefill_graphs.run(seqs), sample_rows)
         ids, positions, meta = build_batch(seqs, self.block_size, self.device, prev=prev)
         with torch.inference_mode(), forward_batch(meta):
             hidden = self.model(ids, positions)
             last = meta.query_start_loc_cpu[1:][sample_rows].to(torch.long) - 1
             return self.model.compute_logits(hidden[to_device(last, torch.long, self.device)])
+
+    def _rows(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """``logits[rows]``. Leading rows are a view; other rows are gathered with a queued index copy
+        (indexing a CUDA tensor with a Python list would wait for the device)."""
+        if rows == list(range(len(rows))):
+            return logits[: len(rows)]
+        return logits[to_device(rows, torch.long, self.device)]
 
     def prepare(self, scheduled: list[Scheduled]) -> tuple[list[SeqInput], list[int]]:
         """The step's model inputs (what tensor-parallel rank 0 broadcasts) and the rows that sample."""

@@ -47,7 +47,7 @@ class PendingSample:
             parts = tuple(torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(p, non_blocking=True)
                           for p in parts)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(tokens.device))  # the copies' stream, whatever thread
         self._host = parts
         self._result: SampleResult | None = None
 

@@ -220,18 +220,25 @@ def test_config_default_and_tensor_parallel_refusal():
     assert EngineConfig(model="x", device="cpu", tensor_parallel_size=2).async_scheduling is False
 
 
+def _decode_in_flight(engines, prompt: list[int], max_tokens: int):
+    """The async engine with one greedy request whose first decode is on the device; the synchronous
+    engine's tokens for it."""
+    sync, asyn = engines
+    p = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    expected = sync.generate([prompt], p)[0].token_ids
+    e = asyn.engine
+    r = e.make_request(prompt, p)
+    e.add_request(r)
+    e.step()  # the prefill
+    e.step()  # the first decode, reading the prefill's token on the device; the prefill lands
+    assert e._inflight is not None and r.pending
+    return e, r, expected
+
+
 def test_turning_async_off_mid_flight_lands_in_order(engines):
     """Switching to synchronous steps with a step in flight lands that step first (each pending token is
     keyed by its step, so tokens can never land out of order)."""
-    sync, asyn = engines
-    e = asyn.engine
-    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    expected = sync.generate([[1, 2, 3]], p)[0].token_ids
-    r = e.make_request([1, 2, 3], p)
-    e.add_request(r)
-    e.step()
-    e.step()
-    assert e._inflight is not None and r.pending
+    e, r, expected = _decode_in_flight(engines, [1, 2, 3], max_tokens=10)
     e.async_scheduling = False
     try:
         while e.has_unfinished():
@@ -239,19 +246,12 @@ def test_turning_async_off_mid_flight_lands_in_order(engines):
     finally:
         e.async_scheduling = True
     assert r.output_token_ids == expected
-    assert_idle(asyn)
+    assert_idle(engines[1])
 
 
 def test_a_failed_launch_keeps_the_step_in_flight(engines):
     """If launching step t+1 raises (say, out of memory), step t is not lost: the next step lands it."""
-    sync, asyn = engines
-    e = asyn.engine
-    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    expected = sync.generate([[4, 5, 6]], p)[0].token_ids
-    r = e.make_request([4, 5, 6], p)
-    e.add_request(r)
-    e.step()
-    e.step()
+    e, r, expected = _decode_in_flight(engines, [4, 5, 6], max_tokens=12)
     inflight = e._inflight
 
     def fail(*args, **kwargs):
@@ -267,7 +267,7 @@ def test_a_failed_launch_keeps_the_step_in_flight(engines):
     while e.has_unfinished():
         e.step()
     assert r.output_token_ids == expected
-    assert_idle(asyn)
+    assert_idle(engines[1])
 
 
 def test_async_engine_streams_and_aborts_under_async_scheduling(model_dir, engines):

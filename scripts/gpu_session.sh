@@ -214,7 +214,7 @@ for stage in "$@"; do
         --b "${STEP_B:-fused}" --a-flags="${STEP_A_FLAGS:-}" --b-flags="${STEP_B_FLAGS:-}" --batch "${STEP_BATCH:-1,2,4,8,16}" --trials "${STEP_TRIALS:-10}" \
         --replays "${STEP_REPLAYS:-10}" --output "$LOGS/$stage.json" ;;
     async-tests) run async-tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
-                   tests/test_engine_gpu.py -k "async or batched_greedy or transformers" ;;
+                   tests/test_engine_gpu.py -k "${ASYNC_K:-async or batched_greedy or transformers}" ;;
     async-ab-*) # async-ab-<preset>: bench offline with async scheduling off and on, interleaved in one process
       preset=${stage#async-ab-}
       run "$stage" python3 -m deltaserve.cli bench offline --preset "$preset" \

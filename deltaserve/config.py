@@ -191,8 +191,11 @@ class EngineConfig:
 
     def non_defaults(self) -> dict[str, Any]:
         resolved = ("device", "pdl", "async_scheduling")  # set at init from the machine
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != f.default and f.name not in resolved}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if getattr(self, f.name) != f.default and f.name not in resolved}
+        if self.async_scheduling != (self.device.startswith("cuda") and self.tensor_parallel_size == 1):
+            out["async_scheduling"] = self.async_scheduling  # set against what this machine would default to
+        return out
 
     # -- CLI ----------------------------------------------------------------------------------------
     @classmethod

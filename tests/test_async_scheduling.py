@@ -218,6 +218,9 @@ def test_config_default_and_tensor_parallel_refusal():
     with pytest.raises(ConfigError, match=r"async_scheduling=True .*--no-async-scheduling"):
         EngineConfig(model="x", device="cpu", async_scheduling=True, tensor_parallel_size=2)
     assert EngineConfig(model="x", device="cpu", tensor_parallel_size=2).async_scheduling is False
+    # The server logs the options that differ from this machine's defaults: an explicit choice shows.
+    assert "async_scheduling" not in EngineConfig(model="x", device="cpu").non_defaults()
+    assert EngineConfig(model="x", device="cpu", async_scheduling=True).non_defaults()["async_scheduling"] is True
 
 
 def _decode_in_flight(engines, prompt: list[int], max_tokens: int):

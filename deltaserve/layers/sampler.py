@@ -108,7 +108,9 @@ class Sampler:
         if banned:
             logits = logits.clone()
             rr, cc = zip(*banned)
-            logits[to_device(rr, torch.long, self.device), to_device(cc, torch.long, self.device)] = float("-inf")
+            # index_put_ with a device tensor of values: assigning a Python float here waits for the device
+            logits.index_put_((to_device(rr, torch.long, self.device), to_device(cc, torch.long, self.device)),
+                              logits.new_full((len(rr),), float("-inf")))
         return logits
 
     def _filter(self, probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -96,7 +96,8 @@ class EngineConfig:
     async_scheduling: bool | None = _f(None, "Schedule and launch step t+1 while the GPU runs step t: its "
                                              "decodes read step t's tokens on the device, and the host handles "
                                              "step t's outputs while step t+1 runs, so the GPU does not idle "
-                                             "between steps. Outputs reach callers one step later; a request "
+                                             "between steps (H100: -5.9% a 35B-A3B step at N=1, -2.2% on the "
+                                             "9B). Outputs reach callers one step later; a request "
                                              "that stops on a token or string costs one dropped row. Default: "
                                              "on with a CUDA device and one rank (tensor parallelism needs "
                                              "every token on the host).")

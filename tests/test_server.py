@@ -132,8 +132,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
+    # Async scheduling, as on a GPU (its CPU default is off; the engine tests run both ways).
     srv = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--max-num-seqs", "8",
-                 "--max-model-len", "64")
+                 "--max-model-len", "64", "--async-scheduling")
     try:
         srv.wait_ready()
         yield srv

@@ -142,7 +142,7 @@ class EngineConfig:
         if self.device.startswith("cuda"):
             self._check(torch.cuda.is_available(), "device", self.device, "no CUDA device is visible: use cpu")
         if self.async_scheduling is None:
-            self.async_scheduling = self.device.startswith("cuda") and self.tensor_parallel_size == 1
+            self.async_scheduling = self._async_default()
         self._check(not self.async_scheduling or self.tensor_parallel_size == 1, "async_scheduling",
                     self.async_scheduling, "only rank 0 holds the sampled tokens: use --no-async-scheduling with "
                     "tensor_parallel_size > 1")
@@ -159,6 +159,10 @@ class EngineConfig:
             self._check(getattr(self, name) in (None, False, 0) or self.pdl, name, getattr(self, name),
                         "it changes only how a kernel overlaps its neighbours under PDL: it needs PDL (a Hopper "
                         "GPU, without --no-pdl)")
+
+    def _async_default(self) -> bool:
+        """Async scheduling where it overlaps anything and every rank can read the samples: one CUDA rank."""
+        return self.device.startswith("cuda") and self.tensor_parallel_size == 1
 
     @staticmethod
     def _check(ok: bool, name: str, value: Any, fix: str) -> None:
@@ -194,7 +198,7 @@ class EngineConfig:
         resolved = ("device", "pdl", "async_scheduling")  # set at init from the machine
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if getattr(self, f.name) != f.default and f.name not in resolved}
-        if self.async_scheduling != (self.device.startswith("cuda") and self.tensor_parallel_size == 1):
+        if self.async_scheduling != self._async_default():
             out["async_scheduling"] = self.async_scheduling  # set against what this machine would default to
         return out
 

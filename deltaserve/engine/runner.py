@@ -27,7 +27,7 @@ from deltaserve.forward_context import forward_batch
 from deltaserve.host import to_device
 from deltaserve.layers.inproj import InProjPlan
 from deltaserve.layers.layer_ref import layer_arg_mode
-from deltaserve.layers.sampler import PendingSample, Sampler, SampleResult, SampleRow
+from deltaserve.layers.sampler import PendingSample, Sampler, SampleRow
 from deltaserve.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -257,10 +257,6 @@ class ModelRunner:
         seqs, sample_rows = self.prepare(scheduled)
         logits = self.forward(seqs, sample_rows, prev.tokens if prev is not None else None)
         return self.sample(scheduled, sample_rows, logits)
-
-    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
-        """Run one step and wait for it: one token per scheduled request that catches up."""
-        return self.launch(scheduled).result()
 
     def shutdown(self) -> None:
         """Release the decode graphs (a tensor-parallel rank must before it destroys its NCCL group)."""

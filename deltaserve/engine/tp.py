@@ -26,7 +26,7 @@ from pathlib import Path
 from deltaserve.config import EngineConfig
 from deltaserve.engine.scheduler import Scheduled
 from deltaserve.errors import EngineDeadError
-from deltaserve.layers.sampler import PendingSample, SampleResult
+from deltaserve.layers.sampler import PendingSample
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,6 @@ class TPExecutor:
         broadcast_object((seqs, sample_rows))
         logits = self.runner.forward(seqs, sample_rows)
         return self.runner.sample(scheduled, sample_rows, logits)
-
-    def execute(self, scheduled: list[Scheduled]) -> SampleResult:
-        return self.launch(scheduled).result()
 
     def shutdown(self) -> None:
         if self._closed:

@@ -216,10 +216,11 @@ for stage in "$@"; do
     async-tests) run async-tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
                    tests/test_engine_gpu.py -k "${ASYNC_K:-async or batched_greedy or transformers}" ;;
     async-ab-*) # async-ab-<preset>: bench offline with async scheduling off and on, interleaved in one process
+                # (OFFLINE_FLAGS: extra engine flags, e.g. --gpu-memory-utilization 0.96 for 40 layers on 80 GB)
       preset=${stage#async-ab-}
       run "$stage" python3 -m deltaserve.cli bench offline --preset "$preset" \
         $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --batch "${AB_BATCH:-1,4,16}" \
-        --output-len "${AB_LEN:-128}" --repeats "${AB_REPEATS:-4}" --max-num-seqs 16 --async-ab \
+        --output-len "${AB_LEN:-128}" --repeats "${AB_REPEATS:-4}" --max-num-seqs 16 --async-ab ${OFFLINE_FLAGS:-} \
         --output "$LOGS/$stage.json" ;;
     tests-late) run tests-late python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k pdl_late ;;

@@ -49,6 +49,10 @@ WIDE_GRID = [GemvConfig(128, bk, 8, s, sk) for bk, s, sk in itertools.product((6
 SWAP_GRID = [GemvConfig(32, 128, 4, 3)] + [GemvConfig(bn, bk, w, s, swap=True) for bn, bk, w, s in
                                            [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3),
                                             (128, 64, 8, 3), (128, 128, 4, 3), (128, 128, 8, 3)]]
+# ... and split K two ways: a 12352-row weight in 64- or 128-row tiles is 193 or 97 programs for 132 SMs, so
+# some SMs stream twice what others do; the 128-row tile read x half as often (the L2 traffic above).
+SWAP_GRID += [GemvConfig(bn, bk, w, s, 2, swap=True) for bn, bk, w, s in
+              [(64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3)]]
 
 
 def time_us(fn, weights, x, replays: int = 24) -> float:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import torch
 
 
+def pinned(values, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` (a list, nested lists or a CPU tensor) in pinned host memory: the source of a
+    ``copy_(..., non_blocking=True)`` into an existing device tensor (which records the copy with the
+    allocator, so the buffer is not reused before the copy has run)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(dtype).pin_memory()
+    return torch.tensor(values, dtype=dtype, pin_memory=True)
+
+
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` (a list, nested lists or a CPU tensor) as a tensor on ``device``, without a host wait."""
     if device.type != "cuda":
         return torch.as_tensor(values, dtype=dtype)
-    if isinstance(values, torch.Tensor):
-        host = values.to(dtype).pin_memory()
-    else:
-        host = torch.tensor(values, dtype=dtype, pin_memory=True)
-    return host.to(device, non_blocking=True)
+    return pinned(values, dtype).to(device, non_blocking=True)

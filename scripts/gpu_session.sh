@@ -213,6 +213,18 @@ for stage in "$@"; do
         $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --a "${STEP_A:-serial}" \
         --b "${STEP_B:-fused}" --a-flags="${STEP_A_FLAGS:-}" --b-flags="${STEP_B_FLAGS:-}" --batch "${STEP_BATCH:-1,2,4,8,16}" --trials "${STEP_TRIALS:-10}" \
         --replays "${STEP_REPLAYS:-10}" --output "$LOGS/$stage.json" ;;
+    code-ab-*) # code-ab-<preset>: this tree against the package in .wheels/old (the commit before a change; the
+               # caller exports it), bench offline in alternating processes, CODE_AB_ROUNDS pairs
+      preset=${stage#code-ab-}
+      for r in $(seq 1 "${CODE_AB_ROUNDS:-2}"); do
+        for side in old new; do
+          src=$PWD; [ $side = old ] && src=$PWD/.wheels/old
+          run "$stage-$side-$r" env --chdir="$src" PYTHONPATH="$src" python3 -m deltaserve.cli bench offline --preset "$preset" \
+            $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --batch "${AB_BATCH:-1,16}" \
+            --output-len "${AB_LEN:-128}" --repeats "${AB_REPEATS:-2}" --max-num-seqs 16 \
+            --output "$LOGS/$stage-$side-$r.json"
+        done
+      done ;;
     async-tests) run async-tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
                    tests/test_engine_gpu.py -k "${ASYNC_K:-async or batched_greedy or transformers}" ;;
     async-ab-*) # async-ab-<preset>: bench offline with async scheduling off and on, interleaved in one process

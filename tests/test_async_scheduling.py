@@ -212,6 +212,28 @@ def test_placeholders_read_the_previous_samples():
         resolve_placeholders(ids, None)
 
 
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_placeholder_kernel_equals_the_reference_in_place(kernel_device, n):
+    """The one-launch kernel the decode graphs use (ops/placeholders.py) against the PyTorch reference:
+    several blocks, every row pending or none, prev longer than the batch, int32 samples."""
+    pytest.importorskip("triton")
+    from deltaserve.ops.placeholders import resolve_placeholders_
+
+    g = torch.Generator().manual_seed(n)
+    prev = torch.randint(0, 50_000, (n + 3,), generator=g, dtype=torch.int32).to(kernel_device)
+    for kind in ("mixed", "all", "none"):
+        ids = torch.randint(0, 50_000, (n,), generator=g)
+        pending = {"mixed": torch.rand(n, generator=g) < 0.5, "all": torch.ones(n, dtype=torch.bool),
+                   "none": torch.zeros(n, dtype=torch.bool)}[kind]
+        rows = torch.randint(0, n + 3, (n,), generator=g)
+        ids = torch.where(pending, -1 - rows, ids).to(kernel_device)
+        want = resolve_placeholders(ids, prev.long())
+        got = resolve_placeholders_(ids, prev)
+        assert got.data_ptr() == ids.data_ptr() and torch.equal(got, want), kind
+    with pytest.raises(ValueError, match="contiguous 1-D"):
+        resolve_placeholders_(torch.zeros(4, 2, dtype=torch.int64, device=kernel_device), prev)
+
+
 def test_config_default_and_tensor_parallel_refusal():
     assert EngineConfig(model="x", device="cpu").async_scheduling is False  # nothing to overlap on the CPU
     assert EngineConfig(model="x", device="cpu", async_scheduling=True).async_scheduling is True

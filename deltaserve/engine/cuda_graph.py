@@ -14,9 +14,9 @@ import logging
 
 import torch
 
-from deltaserve.engine.batch import SeqInput, resolve_placeholders
+from deltaserve.engine.batch import SeqInput
 from deltaserve.forward_context import BatchMeta, forward_batch
-from deltaserve.host import to_device
+from deltaserve.host import pinned, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +52,33 @@ class _GraphSet:
 
 
 class DecodeGraphs(_GraphSet):
+    """Per replay the host queues at most four operations before the graph: one copy of the step's int64
+    rows (token ids, positions, KV slots), one of its int32 rows (state slots, sequence and context
+    lengths) -- both straight into the graph's buffers, padding rows included, so no copy kernels --
+    the block table only when it changed (two), and one kernel for pending-token placeholders (async
+    scheduling). Each queued operation costs a few microseconds of GPU time between two steps."""
+
     def __init__(self, model, sizes: list[int], max_blocks: int, block_size: int, scratch_slot: int,
                  scratch_block: int, device: torch.device):
+        from deltaserve.ops.placeholders import resolve_placeholders_  # triton: CUDA installs only
+
+        self._resolve = resolve_placeholders_
         self.model, self.sizes, self.block_size = model, sorted(sizes), block_size
         self.scratch_slot, self.scratch_block = scratch_slot, scratch_block
         n = self.max_bs = self.sizes[-1]
         i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(n, **i32)
-        self.context_lens = torch.zeros(n, **i32)
-        self.state_slots = torch.full((n,), scratch_slot, **i32)
+        # Row r of a buffer is batch row r. The padding values: token 0 at position 0 with no context,
+        # stored nowhere (slot -1), on the scratch state slot and the scratch KV block.
+        self._i64 = torch.zeros(3, n, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self._i64.unbind(0)
+        self._i32 = torch.zeros(3, n, **i32)
+        self.state_slots, self.seq_lens, self.context_lens = self._i32.unbind(0)
+        self._pad64, self._pad32 = (0, 0, -1), (scratch_slot, 1, 0)
         self.block_tables = torch.full((n, max_blocks), scratch_block, **i32)
+        self._tables: list[list[int]] | None = None  # what block_tables[:B, :width] holds now, if known
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._live = 0  # rows holding a live request since the last reset
+        self._live = 0  # block-table rows holding a live request since the last reset
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
@@ -98,12 +109,12 @@ class DecodeGraphs(_GraphSet):
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
 
     def _reset_padding(self, start: int) -> None:
-        self.slot_mapping[start:].fill_(-1)
-        self.state_slots[start:].fill_(self.scratch_slot)
+        for row, value in zip(self._i64, self._pad64):
+            row[start:].fill_(value)
+        for row, value in zip(self._i32, self._pad32):
+            row[start:].fill_(value)
         self.block_tables[start:].fill_(self.scratch_block)
-        self.seq_lens[start:].fill_(1)
-        self.context_lens[start:].fill_(0)
-        self.positions[start:].fill_(0)
+        self._tables = None
 
     def can_run(self, seqs: list[SeqInput]) -> bool:
         return 0 < len(seqs) <= self.max_bs and all(len(s.token_ids) == 1 and s.context_len > 0 for s in seqs)
@@ -114,23 +125,28 @@ class DecodeGraphs(_GraphSet):
         Only queued copies: the host never waits here, so it may prepare this step while the last one runs."""
         B = len(seqs)
         bs = self.sizes[bisect.bisect_left(self.sizes, B)]
+        device, bsz, pad = self.input_ids.device, self.block_size, self.max_bs - B
         pos = [s.context_len for s in seqs]
-        bsz = self.block_size
-        width = max(len(s.block_table) for s in seqs)
-        device = self.input_ids.device
-        table = to_device([s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in seqs],
-                          torch.int32, device)
         ids = [s.token_ids[0] for s in seqs]
-        host = to_device([ids, pos, [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(seqs, pos)]],
-                         torch.int64, device)
-        small = to_device([[s.state_slot for s in seqs], [p + 1 for p in pos], pos], torch.int32, device)
-        self.input_ids[:B] = resolve_placeholders(host[0], prev) if min(ids) < 0 else host[0]
-        self.positions[:B], self.slot_mapping[:B] = host[1], host[2]
-        self.state_slots[:B], self.seq_lens[:B], self.context_lens[:B] = small[0], small[1], small[2]
-        self.block_tables[:B, :width] = table
-        if self._live > B:  # rows a larger batch used last time become padding again
-            self._reset_padding(B)
-        self._live = B
+        slots = [s.block_table[p // bsz] * bsz + p % bsz for s, p in zip(seqs, pos)]
+        rows64 = [ids, pos, slots]
+        rows32 = [[s.state_slot for s in seqs], [p + 1 for p in pos], pos]
+        if pad:
+            rows64 = [r + [v] * pad for r, v in zip(rows64, self._pad64)]
+            rows32 = [r + [v] * pad for r, v in zip(rows32, self._pad32)]
+        self._i64.copy_(pinned(rows64, torch.int64), non_blocking=True)
+        self._i32.copy_(pinned(rows32, torch.int32), non_blocking=True)
+        if min(ids) < 0:
+            if prev is None:
+                raise RuntimeError("a step's inputs name a pending token, but no previous step's samples were given")
+            self._resolve(self.input_ids[:B], prev)
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in seqs]
+        if tables != self._tables:  # a decode row crosses into a new KV block once every block_size steps
+            self.block_tables[:B, :width] = to_device(tables, torch.int32, device)
+        if self._live > B:  # block-table rows a larger batch used last time become padding again
+            self.block_tables[B:self._live].fill_(self.scratch_block)
+        self._live, self._tables = B, tables
         self.graphs[bs].replay()
         return self.logits[bs][:B]
 

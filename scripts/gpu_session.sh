@@ -151,8 +151,10 @@ for stage in "$@"; do
         --repeats ${AB_REPEATS:-2} --warmups 1 --ignore-eos --temperature 0 --equiv-prompts 5 \
         --time-budget ${AB_BUDGET:-$(( ${STAGE_TIMEOUT:-300} - 30 ))} --output "$LOGS/$stage" ;;
     ab-paired-serial|ab-paired-dual)  # <strategy> vs fused, --paired: both servers on this GPU at once (the 35B-A3B
-      # shape with PAIRED_LAYERS layers, so that it fits twice), back-to-back sweep pairs
-      run "$stage-cfg" python3 -m deltaserve.cli make-model --preset qwen3.5-35b-a3b --layers ${PAIRED_LAYERS:-24} \
+      # shape with PAIRED_LAYERS layers, so that it fits twice in 0.45 of the card each: 24 layers on an H200,
+      # 16 on an 80 GB card, where 24 layers' ~39 GiB of weights exceed 0.45 x 79 GiB), back-to-back sweep pairs
+      paired=${PAIRED_LAYERS:-$([ "${mem_mib:-0}" -lt 100000 ] && echo 16 || echo 24)}
+      run "$stage-cfg" python3 -m deltaserve.cli make-model --preset qwen3.5-35b-a3b --layers $paired \
         --no-weights --out /tmp/m35paired
       serve="--load-format dummy --max-num-seqs 16 --gpu-memory-utilization 0.45"
       run "$stage" python3 -m deltaserve.cli bench ab /tmp/m35paired --paired --a "$serve --inproj ${stage#ab-paired-}" \

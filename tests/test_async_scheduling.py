@@ -234,6 +234,17 @@ def test_placeholder_kernel_equals_the_reference_in_place(kernel_device, n):
         resolve_placeholders_(torch.zeros(4, 2, dtype=torch.int64, device=kernel_device), prev)
 
 
+def test_engine_loop_thread_gets_a_gpu_index(monkeypatch):
+    """``torch.cuda.set_device`` refuses a bare ``cuda`` device: the loop thread gets an index, the one
+    current where the engine was built (on the GPU a bare ``cuda`` killed the server's loop at start)."""
+    from deltaserve.engine.async_engine import loop_device_index
+
+    assert loop_device_index(torch.device("cpu")) is None
+    assert loop_device_index(torch.device("cuda", 2)) == 2
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert loop_device_index(torch.device("cuda")) == 3
+
+
 def test_config_default_and_tensor_parallel_refusal():
     assert EngineConfig(model="x", device="cpu").async_scheduling is False  # nothing to overlap on the CPU
     assert EngineConfig(model="x", device="cpu", async_scheduling=True).async_scheduling is True

@@ -326,3 +326,34 @@ def test_async_decode_launch_never_waits_for_the_gpu(tiny):
         del e.runner.launch
     assert len(launched) == 10 and all(launched)  # each one read its inputs from the step in flight
     llm.shutdown()
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda", "cuda:0"])
+def test_async_engine_serves_on_the_gpu(tiny, device):
+    """The server's loop (AsyncEngine, its own thread) on a GPU, with the device as users write it: a
+    bare ``cuda`` once killed the loop at start (``torch.cuda.set_device`` needs an index), and no
+    engine-level GPU test ran the loop thread. Concurrent streams equal the engine's own greedy tokens."""
+    import asyncio
+
+    from deltaserve.config import EngineConfig
+    from deltaserve.engine.async_engine import AsyncEngine
+
+    prompts = [[7, 8, 9], [10] * 20, [11, 12]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    cfg = EngineConfig(model=str(tiny), device=device, dtype="bfloat16", max_num_seqs=4)
+    expected = [o.token_ids for o in LLM(str(tiny), device=device, dtype="bfloat16", max_num_seqs=4)
+                .generate(prompts, params)]
+    ae = AsyncEngine(cfg)
+    ae.start()
+
+    async def stream(i: int) -> list[int]:
+        return [t async for out in ae.generate(prompts[i], params, f"r{i}") for t in out.delta_token_ids]
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(stream(i) for i in range(len(prompts))))
+
+    try:
+        assert asyncio.run(run()) == expected
+        assert ae.dead is None
+    finally:
+        ae.shutdown()

@@ -66,11 +66,13 @@ def alive(pid: int) -> bool:
 
 
 class Server:
-    def __init__(self, model_dir: Path, log: Path, *args: str, api_key: str | None = KEY):
+    def __init__(self, model_dir: Path, log: Path, *args: str, api_key: str | None = KEY,
+                 command: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        cmd = [*_serve_command(), str(model_dir), "--port", str(self.port), "--served-model-name", NAME, *args]
+        cmd = [*(command or _serve_command()), str(model_dir), "--port", str(self.port), "--served-model-name", NAME,
+               *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -10,12 +10,15 @@ import json
 import random
 import re
 import signal
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from test_server import CHAT, KEY, NAME, Server, alive, children_of
 
+import deltaserve
 from deltaserve.engine.request import RequestOutput
 from deltaserve.errors import EngineDeadError
 from deltaserve.server.app import build_app
@@ -157,6 +160,36 @@ def test_http_level_errors(server):
     assert err["code"] == "request_too_large"
     assert_error_body(httpx.get(chat, headers=AUTH), 405)
     assert_error_body(httpx.get(server.url + "/v1/nothing-here", headers=AUTH), 404)
+
+
+def test_a_dead_engine_loop_stops_the_server_with_status_1(model_dir, tmp_path):
+    """A real server whose engine loop dies on its first step (a fault injected into the subprocess): the
+    request in flight gets ``engine_dead``, /health says "dead", and the process exits 1 instead of
+    answering 503 for ever (a benchmark waited ten minutes on such a server)."""
+    launcher = tmp_path / "serve_with_a_faulty_engine.py"
+    root = Path(deltaserve.__file__).resolve().parents[1]  # importable whether or not it is pip-installed
+    launcher.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from deltaserve.engine.engine import LLMEngine\n\n"
+        "def step(self):\n"
+        "    raise RuntimeError('injected engine fault')\n\n"
+        "LLMEngine.step = step\n"
+        "from deltaserve.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    srv = Server(model_dir, tmp_path / "dead.log", "--max-model-len", "256",
+                 command=[sys.executable, str(launcher), "serve"])
+    try:
+        srv.wait_ready()
+        err = assert_error_body(httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4},
+                                           headers=srv.headers, timeout=30), 503)
+        assert err["code"] == "engine_dead" and "injected engine fault" in err["message"]
+        health = httpx.get(srv.url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "dead"
+        assert srv.proc.wait(timeout=30) == 1, srv.log()
+        assert "stopping the server" in srv.log()
+    finally:
+        srv.stop()
 
 
 def test_internal_and_in_band_errors():

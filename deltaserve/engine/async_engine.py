@@ -43,6 +43,19 @@ class Stop:
     pass
 
 
+def loop_device_index(device) -> int | None:
+    """The GPU index the engine loop thread makes current (None off CUDA): the engine's own, or for an
+    index-less ``cuda`` the one current in the thread that built the engine, where its tensors live.
+    ``torch.cuda.set_device`` refuses a bare ``cuda`` device."""
+    if device.type != "cuda":
+        return None
+    if device.index is not None:
+        return device.index
+    import torch
+
+    return torch.cuda.current_device()
+
+
 class AsyncEngine:
     def __init__(self, cfg: EngineConfig, max_queued_requests: int | None = None, log_interval: float = 10.0,
                  on_finish: Callable[[RequestOutput], None] | None = None):
@@ -56,6 +69,7 @@ class AsyncEngine:
         self._unfinished = 0
         self._lock = threading.Lock()
         self.dead: BaseException | None = None
+        self._cuda_index = loop_device_index(self.engine.runner.device)
         self._thread = threading.Thread(target=self._run, name="deltaserve-engine", daemon=True)
         self._last_log, self._last_stats = time.monotonic(), dict(self.engine.stats)
         self._usage = self.engine.usage()
@@ -120,11 +134,10 @@ class AsyncEngine:
     # -- loop side --------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            device = self.engine.runner.device
-            if device.type == "cuda":  # a thread starts on GPU 0: make the engine's GPU this thread's current one
+            if self._cuda_index is not None:  # a thread starts on GPU 0: make the engine's GPU its current one
                 import torch
 
-                torch.cuda.set_device(device)
+                torch.cuda.set_device(self._cuda_index)
             while True:
                 block = not self.engine.has_unfinished()
                 if not self._drain(block):

@@ -8,6 +8,11 @@ socket stays open (so clients get an answer rather than "connection refused"); r
 ``--shutdown-timeout`` seconds to finish, the rest are aborted (their streams end with
 ``finish_reason: "abort"``); then the HTTP server and the engine loop stop and the process exits 0.
 A second signal skips the wait.
+
+Engine death: if the engine loop dies (a GPU fault, a bug), the requests in flight get an
+``engine_dead`` error and /health says "dead"; a second later the server stops and the process exits 1,
+so that a supervisor restarts it rather than routing traffic to a server that can only answer 503
+(vLLM does the same).
 """
 
 from __future__ import annotations
@@ -127,7 +132,8 @@ async def _serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
             await asyncio.to_thread(_stop_engine, state.engine)
     if not server.started:
         return 1  # could not bind (uvicorn logged why)
-    return 1 if state.load_error is not None else 0
+    died = state.engine is not None and state.engine.dead is not None
+    return 1 if state.load_error is not None or died else 0
 
 
 def _stop_engine(engine) -> None:
@@ -177,6 +183,19 @@ async def _load(server: _Server, state: ServerState, cfg: EngineConfig, args: ar
     state.attach(engine)
     print(f"deltaserve: ready: {state.model_name} (max_model_len {engine.max_model_len}) at "
           f"http://{sock[0]}:{sock[1]}/v1", flush=True)
+    await exit_when_dead(server, engine)
+
+
+async def exit_when_dead(server, engine, poll_s: float = 0.2, grace_s: float = 1.0) -> None:
+    """Stop the server once the engine loop has died, after ``grace_s`` for the open streams to carry
+    their error to the clients. Returns at once if the server stops for another reason."""
+    while engine.dead is None:
+        if server.should_exit:
+            return
+        await asyncio.sleep(poll_s)
+    logger.error("the engine loop has died (%r): stopping the server", engine.dead)
+    await asyncio.sleep(grace_s)
+    server.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:

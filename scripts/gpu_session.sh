@@ -227,8 +227,10 @@ for stage in "$@"; do
             --output "$LOGS/$stage-$side-$r.json"
         done
       done ;;
-    async-tests) run async-tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
-                   tests/test_engine_gpu.py -k "${ASYNC_K:-async or batched_greedy or transformers}" ;;
+    async-tests) # the engine and the server (its loop thread, the default device) on the GPU
+                 run async-tests python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 \
+                   tests/test_engine_gpu.py tests/test_server_gpu.py \
+                   -k "${ASYNC_K:-async or batched_greedy or transformers or server}" ;;
     async-ab-*) # async-ab-<preset>: bench offline with async scheduling off and on, interleaved in one process
                 # (OFFLINE_FLAGS: extra engine flags, e.g. --gpu-memory-utilization 0.96 for 40 layers on 80 GB)
       preset=${stage#async-ab-}

@@ -122,6 +122,8 @@ def test_ab_identical_configs_resolve_no_difference(model_dir, tmp_path):
     report = run_ab(model_dir, tmp_path, "--max-num-seqs 4", "--max-num-seqs 4", "--trials", "3",
                     "--confidence", "0.99")
     assert [t["side"] + str(t["trial"]) for t in report["trials"]] == ["A1", "B1", "B2", "A2", "A3", "B3"]
+    # warm-up rounds in the first trial only: the servers stay up between trials
+    assert [{lv["warmup_rounds"] for lv in t["levels"]} for t in report["trials"]] == [{1}, {1}] + [{0}] * 4
     for row in report["comparison"]:
         assert row["combined_tok_s"]["comparison"]["verdict"] == "no difference resolved", row
         assert len(row["combined_tok_s"]["a_trials"]) == 3 and row["failed"] == {"a": 0, "b": 0}
@@ -151,6 +153,8 @@ def test_ab_paired_runs_both_servers_once_and_detects_a_slower_one(model_dir, tm
     report = json.loads((out / "ab.json").read_text())
     assert sorted(p.name for p in out.glob("server-*.log")) == ["server-A.log", "server-B.log"]  # one start each
     assert [t["side"] + str(t["trial"]) for t in report["trials"]] == ["A1", "B1", "B2", "A2", "A3", "B3"]
+    # warm-up rounds in the first trial only: the servers stay up between trials
+    assert [{lv["warmup_rounds"] for lv in t["levels"]} for t in report["trials"]] == [{1}, {1}] + [{0}] * 4
     for row in report["comparison"]:
         c = row["combined_tok_s"]["comparison"]
         assert c["scale"] == "paired log" and c["df"] == 2.0

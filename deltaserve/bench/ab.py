@@ -16,9 +16,10 @@ mean and std per side, delta % of B vs A with a Welch t interval, and the verdic
 ``--paired`` answers a narrower question more precisely, for effects smaller than the machine's drift
 between server starts (a few % on an H200): both servers start once, on the same GPU (give each a
 ``--gpu-memory-utilization`` share; a model that fits twice), and stay up; each trial sweeps A then B
-(B then A in even trials) back to back, while the other server idles. A trial is then a pair measured
-at nearly the same time, and the interval is the paired t interval of the per-trial log ratio B / A
-(n - 1 degrees of freedom): drift common to both sides cancels. What it does not sample is the
+(B then A in even trials) back to back, while the other server idles (warm-up rounds in the first
+trial only). A trial is then a pair measured at nearly the same time, and the interval is the paired
+t interval of the per-trial log ratio B / A (n - 1 degrees of freedom): drift common to both sides
+cancels. What it does not sample is the
 variation between server starts, so it suits configurations whose start-up is deterministic (fixed
 kernels, no autotuning), and the report says which mode produced it.
 
@@ -133,7 +134,9 @@ async def run_paired(flags: dict[str, list[str]], args: argparse.Namespace, out_
                      budget: Budget) -> None:
     """``--paired``: both servers up at once (started one after the other, so their start-ups do not
     compete), then up to ``args.trials`` back-to-back pairs, A first in odd trials and B first in even
-    ones; ``record`` gets each side's trial as it completes."""
+    ones; ``record`` gets each side's trial as it completes. The ``--warmups`` rounds run in the first
+    trial only: the servers stay up, so later trials would warm what is already warm (a third of a
+    trial's time at two warm-up-plus-timed rounds per level)."""
     servers: dict[str, ServerProcess] = {}
     ready: dict[str, float] = {}
     mine: list[dict] = []
@@ -145,9 +148,10 @@ async def run_paired(flags: dict[str, list[str]], args: argparse.Namespace, out_
             if not budget.allows_another():
                 break
             began = time.monotonic()
+            trial_args = args if trial == 1 else argparse.Namespace(**{**vars(args), "warmups": 0})
             for side in SIDES if trial % 2 else SIDES[::-1]:
                 print(f"trial {trial}, {side}", file=sys.stderr)
-                mine.append({**await measure(servers[side], side, trial, args), "ready_s": ready[side]})
+                mine.append({**await measure(servers[side], side, trial, trial_args), "ready_s": ready[side]})
                 record(mine[-1])
             budget.timed(began)
     finally:
@@ -277,7 +281,8 @@ def markdown(env: dict, args: argparse.Namespace, trials: list[dict], rows: list
         f"- B: `{next(t['command'] for t in trials if t['side'] == 'B')}`",
         f"- workload: prompts `{args.prompts}`, concurrency {args.concurrency}, max_tokens {args.max_tokens}, "
         f"ignore_eos {args.ignore_eos}, temperature {args.temperature}; per trial and N: {args.warmups} warm-up "
-        f"rounds, then {args.repeats} timed rounds", f"- order: {order}", "",
+        f"rounds{' (first trial only: the servers stay up)' if args.paired else ''}, then {args.repeats} timed "
+        "rounds", f"- order: {order}", "",
         "## Throughput and TTFT", "",
         f"One sample per trial (n = {len(trials) // 2} per side): the trial's mean combined tok/s over its rounds, and "
         f"its median TTFT. {method} The verdict is \"no difference resolved\" when that interval contains 0: the "

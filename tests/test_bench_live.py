@@ -122,8 +122,8 @@ def test_ab_identical_configs_resolve_no_difference(model_dir, tmp_path):
     report = run_ab(model_dir, tmp_path, "--max-num-seqs 4", "--max-num-seqs 4", "--trials", "3",
                     "--confidence", "0.99")
     assert [t["side"] + str(t["trial"]) for t in report["trials"]] == ["A1", "B1", "B2", "A2", "A3", "B3"]
-    # warm-up rounds in the first trial only: the servers stay up between trials
-    assert [{lv["warmup_rounds"] for lv in t["levels"]} for t in report["trials"]] == [{1}, {1}] + [{0}] * 4
+    # every trial starts fresh servers, so every trial warms them up
+    assert all(lv["warmup_rounds"] == 1 for t in report["trials"] for lv in t["levels"])
     for row in report["comparison"]:
         assert row["combined_tok_s"]["comparison"]["verdict"] == "no difference resolved", row
         assert len(row["combined_tok_s"]["a_trials"]) == 3 and row["failed"] == {"a": 0, "b": 0}

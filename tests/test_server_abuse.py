@@ -184,8 +184,11 @@ def test_a_dead_engine_loop_stops_the_server_with_status_1(model_dir, tmp_path):
         err = assert_error_body(httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4},
                                            headers=srv.headers, timeout=30), 503)
         assert err["code"] == "engine_dead" and "injected engine fault" in err["message"]
-        health = httpx.get(srv.url + "/health", timeout=5)
-        assert health.status_code == 503 and health.json()["status"] == "dead"
+        try:  # the server stops about a second after the engine died: a slow machine may ask too late
+            health = httpx.get(srv.url + "/health", timeout=5)
+            assert health.status_code == 503 and health.json()["status"] == "dead"
+        except httpx.ConnectError:
+            assert srv.proc.poll() is not None
         assert srv.proc.wait(timeout=30) == 1, srv.log()
         assert "stopping the server" in srv.log()
     finally:

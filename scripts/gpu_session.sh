@@ -216,15 +216,19 @@ for stage in "$@"; do
         --b "${STEP_B:-fused}" --a-flags="${STEP_A_FLAGS:-}" --b-flags="${STEP_B_FLAGS:-}" --batch "${STEP_BATCH:-1,2,4,8,16}" --trials "${STEP_TRIALS:-10}" \
         --replays "${STEP_REPLAYS:-10}" --output "$LOGS/$stage.json" ;;
     code-ab-*) # code-ab-<preset>: this tree against the package in .wheels/old (the commit before a change; the
-               # caller exports it), bench offline in alternating processes, CODE_AB_ROUNDS pairs
+               # caller exports it: git archive <commit> deltaserve | tar -x -C .wheels/old), in alternating
+               # processes, CODE_AB_ROUNDS pairs. CODE_AB_CMD: the deltaserve.cli arguments to run (default:
+               # bench offline for the preset); @OUT@ in it becomes this run's JSON path
       preset=${stage#code-ab-}
+      layers=$([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35})
+      cmd=${CODE_AB_CMD:-bench offline --preset $preset $layers --batch ${AB_BATCH:-1,16} --output-len ${AB_LEN:-128} \
+--repeats ${AB_REPEATS:-2} --max-num-seqs 16 --output @OUT@}
       for r in $(seq 1 "${CODE_AB_ROUNDS:-2}"); do
         for side in old new; do
           src=$PWD; [ $side = old ] && src=$PWD/.wheels/old
-          run "$stage-$side-$r" env --chdir="$src" PYTHONPATH="$src" python3 -m deltaserve.cli bench offline --preset "$preset" \
-            $([ "$preset" = qwen3.5-35b-a3b ] && echo ${LAYERS35:+--layers $LAYERS35}) --batch "${AB_BATCH:-1,16}" \
-            --output-len "${AB_LEN:-128}" --repeats "${AB_REPEATS:-2}" --max-num-seqs 16 \
-            --output "$LOGS/$stage-$side-$r.json"
+          # shellcheck disable=SC2086 # the command's words split on purpose
+          run "$stage-$side-$r" env --chdir="$src" PYTHONPATH="$src" python3 -m deltaserve.cli \
+            ${cmd//@OUT@/$LOGS/$stage-$side-$r.json}
         done
       done ;;
     async-tests) # the engine and the server (its loop thread, the default device) on the GPU

@@ -44,6 +44,9 @@ SPLIT_GRID = [GemvConfig(bn, bk, 4, s, sk) for bn, bk, s, sk in
 # 32-row tiles, 386 x 256 KB = 100 MB of L2 reads for a 50 MB weight on the 35B-A3B in_proj), so wider
 # tiles cut that traffic, and split-K keeps enough programs. Tried with --wide.
 WIDE_GRID = [GemvConfig(128, bk, 8, s, sk) for bk, s, sk in itertools.product((64, 128), (3, 4), (1, 2))]
+# 256-row tiles read x a quarter as often as 64-row ones (12.5 MB at M=64 on the 35B-A3B in_proj), at the
+# price of half the programs of the 128-row tile (49: each SM then streams ~1 MB of weights).
+WIDE_GRID += [GemvConfig(256, 64, 8, s) for s in (3, 4)]
 # --swap: the weight tile as the MMA's row side (Triton then emits Hopper's wgmma from shared memory), with
 # the 32-row tile of the non-swapped kernel as the reference.
 SWAP_GRID = [GemvConfig(32, 128, 4, 3)] + [GemvConfig(bn, bk, w, s, swap=True) for bn, bk, w, s in

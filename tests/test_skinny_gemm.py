@@ -61,6 +61,16 @@ def test_swapped_tile_matches_linear(kernel_device, split_k, M, N, K):
     torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("block_n", [128, 256])
+def test_wide_row_tiles_match_linear(kernel_device, block_n, swap):
+    """The 128- and 256-row tiles of the 64-token sweeps (scripts/bench_gemv.py): 8 warps, a partial last tile."""
+    x = _rand(64, 192, dtype=torch.float32, device=kernel_device)
+    w = _rand(block_n + 37, 192, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=block_n, block_k=64, num_warps=8, num_stages=4, swap=swap)
+    torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+
+
 def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     """The decoder wiring of the skinny GEMM: a tiny fp32 model whose GDN in_proj is ``fused_gemv`` and
     whose out_proj / o_proj / dense MLP take the skinny path (the kernels under the interpreter on the CPU) equals

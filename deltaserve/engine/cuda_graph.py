@@ -52,11 +52,12 @@ class _GraphSet:
 
 
 class DecodeGraphs(_GraphSet):
-    """Per replay the host queues at most four operations before the graph: one copy of the step's int64
-    rows (token ids, positions, KV slots), one of its int32 rows (state slots, sequence and context
-    lengths) -- both straight into the graph's buffers, padding rows included, so no copy kernels --
-    the block table only when it changed (two), and one kernel for pending-token placeholders (async
-    scheduling). Each queued operation costs a few microseconds of GPU time between two steps."""
+    """Per replay the host queues two copies before the graph: the step's int64 rows (token ids,
+    positions, KV slots) and its int32 rows (state slots, sequence and context lengths), both straight
+    into the graph's buffers, padding rows included, so no copy kernels. Only when needed: the block
+    table when it changed (a copy and a copy kernel), a fill of the block-table rows a larger batch
+    left, and one kernel for pending-token placeholders (async scheduling). Each queued operation costs
+    a few microseconds of GPU time between two steps."""
 
     def __init__(self, model, sizes: list[int], max_blocks: int, block_size: int, scratch_slot: int,
                  scratch_block: int, device: torch.device):

@@ -19,9 +19,9 @@ between server starts (a few % on an H200): both servers start once, on the same
 (B then A in even trials) back to back, while the other server idles (warm-up rounds in the first
 trial only). A trial is then a pair measured at nearly the same time, and the interval is the paired
 t interval of the per-trial log ratio B / A (n - 1 degrees of freedom): drift common to both sides
-cancels. What it does not sample is the
-variation between server starts, so it suits configurations whose start-up is deterministic (fixed
-kernels, no autotuning), and the report says which mode produced it.
+cancels. What it does not sample is the variation between server starts, so it suits configurations
+whose start-up is deterministic (fixed kernels, no autotuning), and the report says which mode
+produced it.
 
 A run can end early and still report: ``--time-budget S`` starts no trial that the longest one so far
 says would end past S seconds, and SIGTERM (``timeout``, a scheduler) stops the run at once; either way

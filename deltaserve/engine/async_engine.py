@@ -17,6 +17,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import torch
+
 from deltaserve.config import EngineConfig
 from deltaserve.engine.engine import LLMEngine
 from deltaserve.engine.request import Request, RequestOutput
@@ -43,17 +45,13 @@ class Stop:
     pass
 
 
-def loop_device_index(device) -> int | None:
+def loop_device_index(device: torch.device) -> int | None:
     """The GPU index the engine loop thread makes current (None off CUDA): the engine's own, or for an
     index-less ``cuda`` the one current in the thread that built the engine, where its tensors live.
     ``torch.cuda.set_device`` refuses a bare ``cuda`` device."""
     if device.type != "cuda":
         return None
-    if device.index is not None:
-        return device.index
-    import torch
-
-    return torch.cuda.current_device()
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 class AsyncEngine:
@@ -135,8 +133,6 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             if self._cuda_index is not None:  # a thread starts on GPU 0: make the engine's GPU its current one
-                import torch
-
                 torch.cuda.set_device(self._cuda_index)
             while True:
                 block = not self.engine.has_unfinished()

@@ -22,12 +22,17 @@ class SeqInput:
     block_table: list[int]
 
 
+def previous_samples(prev: torch.Tensor | None) -> torch.Tensor:
+    """``prev``, which a step whose inputs hold placeholders must have been given."""
+    if prev is None:
+        raise RuntimeError("a step's inputs name a pending token, but no previous step's samples were given")
+    return prev
+
+
 def resolve_placeholders(ids: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
     """``ids`` (on the device) with each placeholder ``-1 - row`` replaced by ``prev[row]``: the previous
     step's sample, which the host has not seen yet (async scheduling)."""
-    if prev is None:
-        raise RuntimeError("a step's inputs name a pending token, but no previous step's samples were given")
-    return torch.where(ids >= 0, ids, prev[(-1 - ids).clamp_(min=0)])
+    return torch.where(ids >= 0, ids, previous_samples(prev)[(-1 - ids).clamp_(min=0)])
 
 
 def build_batch(seqs: list[SeqInput], block_size: int, device: torch.device, pad_block: int = 0,

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from deltaserve.engine.batch import SeqInput
+from deltaserve.engine.batch import SeqInput, previous_samples
 from deltaserve.forward_context import BatchMeta, forward_batch
 from deltaserve.host import pinned, to_device
 
@@ -138,9 +138,7 @@ class DecodeGraphs(_GraphSet):
         self._i64.copy_(pinned(rows64, torch.int64), non_blocking=True)
         self._i32.copy_(pinned(rows32, torch.int32), non_blocking=True)
         if min(ids) < 0:
-            if prev is None:
-                raise RuntimeError("a step's inputs name a pending token, but no previous step's samples were given")
-            self._resolve(self.input_ids[:B], prev)
+            self._resolve(self.input_ids[:B], previous_samples(prev))
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in seqs]
         if tables != self._tables:  # a decode row crosses into a new KV block once every block_size steps

@@ -57,6 +57,18 @@ SWAP_GRID = [GemvConfig(32, 128, 4, 3)] + [GemvConfig(bn, bk, w, s, swap=True) f
 SWAP_GRID += [GemvConfig(bn, bk, w, s, 2, swap=True) for bn, bk, w, s in
               [(64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3)]]
 
+# --group: `group` adjacent row tiles per program against one load of the tokens, so that a row tile need not
+# be a power of two: 3 x 32 = 96 rows is 129 programs for a 12,352-row in_proj, one per SM of a 132-SM card,
+# each reading the [M, K] input once (33 MB of L2 reads at M=64, against 49 MB for 64-row tiles, and no SM
+# streaming twice what another does, as with the 193 programs of 64 rows). The 128-row tile of the 64-token
+# sweeps is the reference.
+GROUP_GRID = [GemvConfig(128, 128, 8, 4)]
+GROUP_GRID += [GemvConfig(bn, 128, 4, s, group=g) for bn, g in [(16, 3), (16, 4), (32, 2), (32, 3), (32, 4), (64, 2),
+                                                               (64, 3)] for s in (3, 4)]
+GROUP_GRID += [GemvConfig(bn, bk, w, 4, group=g) for bn, bk, w, g in [(32, 128, 8, 3), (32, 128, 8, 4),
+                                                                      (64, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 4)]]
+GROUP_GRID += [GemvConfig(bn, 128, 4, s, group=g, swap=True) for bn, g in [(64, 2), (64, 3), (32, 3)] for s in (3, 4)]
+
 
 def time_us(fn, weights, x, replays: int = 24) -> float:
     """Median µs per weight; inf for a config this card cannot run (too much shared memory)."""
@@ -204,6 +216,8 @@ def main() -> None:
     p.add_argument("--pdl-ab", action="store_true", help="only the picked tile, PDL off / on / off / on (interleaved) "
                    "per shape and M: does PDL slow a grid of several waves?")
     p.add_argument("--swap", action="store_true", help="only the swapped (y^T = w x^T) tiles and one reference tile")
+    p.add_argument("--group", action="store_true", help="only the grouped tiles (several row tiles per program) "
+                   "and the 128-row reference tile")
     p.add_argument("--late", action="store_true", help="with --pdl: try every tile with the early and the late "
                    "PDL trigger")
     p.add_argument("--occupancy", action="store_true", help="only: the picked tiles' registers, shared memory and "
@@ -227,8 +241,8 @@ def main() -> None:
         cublas = time_us(F.linear, weights, x)
         default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
         grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
-        if args.swap:  # y^T = w x^T tiles (the weight rows on the MMA's row side): checked, then timed
-            grid = SWAP_GRID
+        if args.swap or args.group:  # only the swapped or the grouped tiles: checked, then timed
+            grid = SWAP_GRID if args.swap else GROUP_GRID
             ref = F.linear(x, weights[0]).float()
             for c in grid:
                 err = ((skinny_linear(x, weights[0], c).float() - ref).norm() / ref.norm()).item()

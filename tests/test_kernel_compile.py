@@ -31,10 +31,10 @@ SCRIPT = textwrap.dedent(
     SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
            "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     out = []
-    for pdl, split, late, prefetch in json.loads(sys.argv[1]):
+    for pdl, split, late, prefetch, group in json.loads(sys.argv[1]):
         consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "EVEN_K": True, "SPLIT_K": split,
                   "PRECISION": "tf32", "PDL": pdl, "LATE_TRIGGER": late, "PREFETCH_K": prefetch, "LINE": 64,
-                  "SWAP": False}
+                  "SWAP": False, "GROUP": group}
         # pointers and sizes 16-divisible, as Triton specialises them at a real launch: vectorised, pipelined
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n not in ("M",)}
         src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _compiled_ops(variants: list[tuple[bool, int, bool, int]]) -> list[list[str]]:
+def _compiled_ops(variants: list[tuple[bool, int, bool, int, int]]) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(variants)], capture_output=True, text=True, env=env,
                        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,14 +58,14 @@ def _compiled_ops(variants: list[tuple[bool, int, bool, int]]) -> list[list[str]
 
 
 def test_skinny_gemm_pdl_variants_compile_for_sm90_in_the_right_order():
-    # (PDL, split-K, late trigger, prefetch columns)
-    plain, pdl, pdl_split, late, late_split, prefetch = _compiled_ops(
-        [(False, 1, False, 0), (True, 1, False, 0), (True, 4, False, 0), (True, 1, True, 0), (True, 4, True, 0),
-         (True, 1, True, 256)])
+    # (PDL, split-K, late trigger, prefetch columns, row tiles per program)
+    plain, pdl, pdl_split, late, late_split, prefetch, grouped = _compiled_ops(
+        [(False, 1, False, 0, 1), (True, 1, False, 0, 1), (True, 4, False, 0, 1), (True, 1, True, 0, 1),
+         (True, 4, True, 0, 1), (True, 1, True, 256, 1), (True, 1, True, 256, 3)])
     assert not any(o.startswith("griddepcontrol") for o in plain)
-    for ops in (pdl, pdl_split, late, late_split, prefetch):
+    for ops in (pdl, pdl_split, late, late_split, prefetch, grouped):
         wait = ops.index("griddepcontrol.wait")
-        if ops is prefetch:  # only weight hints before the wait: 32 rows x 4 lines over 128 threads
+        if ops in (prefetch, grouped):  # only weight hints before the wait: 32 rows x 4 lines over 128 threads
             assert ops[:wait] and set(ops[:wait]) == {"prefetch.global.L2"}
         else:
             assert ops[:wait] == []  # no global memory touched before the wait
@@ -90,10 +90,10 @@ SMEM_SCRIPT = textwrap.dedent(
     SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
            "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     out = []
-    for bm, bn, bk, stages, split, swap in json.loads(sys.argv[1]):
+    for bm, bn, bk, stages, split, swap, group in json.loads(sys.argv[1]):
         consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": True, "SPLIT_K": split,
                   "PRECISION": "tf32", "PDL": True, "LATE_TRIGGER": False, "PREFETCH_K": 0, "LINE": 64,
-                  "SWAP": swap}
+                  "SWAP": swap, "GROUP": group}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n != "M"}
         src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
                         constexprs=consts, attrs=attrs)
@@ -110,18 +110,19 @@ def test_resident_programs_per_sm_follow_the_compilers_shared_memory():
     (the same numbers an H200 reported for these tiles in docs/perf/2026-11-28g.md)."""
     from deltaserve.ops.skinny_gemm import SMEM_PER_SM, GemvConfig, resident_per_sm
 
-    tiles = [(16, 32, 128, 3, 1, False), (32, 64, 128, 3, 1, False), (64, 64, 128, 3, 1, False),
-             (16, 64, 128, 5, 4, False), (32, 32, 128, 5, 2, False), (64, 32, 128, 5, 2, False),
-             (64, 128, 128, 4, 1, False), (16, 128, 64, 3, 1, False), (16, 64, 128, 3, 1, True),
-             (32, 128, 64, 4, 1, True)]
+    tiles = [(16, 32, 128, 3, 1, False, 1), (32, 64, 128, 3, 1, False, 1), (64, 64, 128, 3, 1, False, 1),
+             (16, 64, 128, 5, 4, False, 1), (32, 32, 128, 5, 2, False, 1), (64, 32, 128, 5, 2, False, 1),
+             (64, 128, 128, 4, 1, False, 1), (16, 128, 64, 3, 1, False, 1), (16, 64, 128, 3, 1, True, 1),
+             (32, 128, 64, 4, 1, True, 1), (64, 32, 128, 3, 1, False, 3), (64, 32, 128, 3, 1, True, 3),
+             (16, 32, 128, 3, 1, False, 3)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SMEM_SCRIPT, json.dumps(tiles)], capture_output=True, text=True,
                        env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr[-3000:]
     shared = json.loads(r.stdout.strip().splitlines()[-1])
     assert shared[:3] == [24576, 49152, 98304]  # as compiled on the H200
-    for (bm, bn, bk, stages, split, swap), smem in zip(tiles, shared):
-        cfg = GemvConfig(block_n=bn, block_k=bk, num_stages=stages, split_k=split, swap=swap)
+    for (bm, bn, bk, stages, split, swap, group), smem in zip(tiles, shared):
+        cfg = GemvConfig(block_n=bn, block_k=bk, num_stages=stages, split_k=split, swap=swap, group=group)
         assert resident_per_sm(cfg, bm, 2) == min(SMEM_PER_SM // (smem + 1024), 16), (bm, bn, bk, stages, smem)
 
 

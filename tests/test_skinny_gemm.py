@@ -71,6 +71,26 @@ def test_wide_row_tiles_match_linear(kernel_device, block_n, swap):
     torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("group", [2, 3, 4])
+@pytest.mark.parametrize("M,N,K", [(64, 3 * 32 * 2 + 37, 192), (5, 130, 300)])
+def test_grouped_row_tiles_match_linear(kernel_device, group, swap, M, N, K):
+    """``group`` row tiles per program against one load of the tokens: the last program's group partly or
+    wholly past N, and K not a multiple of the K step."""
+    x = _rand(M, K, dtype=torch.float32, device=kernel_device)
+    w = _rand(N, K, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=32, block_k=64, num_stages=3, swap=swap, group=group)
+    torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_grouped_tile_refuses_split_k_and_bad_group_sizes():
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=f"group={bad} must be"):
+            GemvConfig(group=bad)
+    with pytest.raises(ValueError, match="needs split_k=1"):
+        GemvConfig(group=2, split_k=2)
+
+
 def test_model_with_skinny_in_proj_and_out_proj(monkeypatch, tmp_path):
     """The decoder wiring of the skinny GEMM: a tiny fp32 model whose GDN in_proj is ``fused_gemv`` and
     whose out_proj / o_proj / dense MLP take the skinny path (the kernels under the interpreter on the CPU) equals

@@ -50,8 +50,18 @@ class GemvConfig:
     # swap computes y^T = w x^T: the weight tile is the MMA's row side (BLOCK_N rows: 64-128 fill Hopper's
     # 64-row warpgroup MMA) and the tokens its column side, instead of padding the tokens to the row side.
     swap: bool = False
+    # group > 1: one program streams `group` adjacent BLOCK_N-row tiles, each with its own accumulator, against
+    # one load of the token tile per K step. A row tile of group x block_n rows need not be a power of two
+    # (3 x 32 = 96 rows: 129 programs for the 12,352-row 35B-A3B in_proj, one per SM of a 132-SM card), so the
+    # grid can match the card while each program reads the token tile only once.
+    group: int = 1
 
     def __post_init__(self):
+        if not 1 <= self.group <= 4:
+            raise ValueError(f"group={self.group} must be 1, 2, 3 or 4 row tiles per program")
+        if self.group > 1 and self.split_k > 1:
+            raise ValueError(f"group={self.group} needs split_k=1 (got {self.split_k}): a grouped tile is for wide "
+                             "weights, which have row tiles to spare")
         if self.prefetch_k and (self.prefetch_k & (self.prefetch_k - 1) or self.prefetch_k < 64):
             raise ValueError(f"prefetch_k={self.prefetch_k} must be 0 or a power of two >= 64 (columns)")
 
@@ -91,24 +101,53 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
     return GemvConfig(block_n=32, block_k=128, num_stages=5, split_k=2)
 
 
+@triton.jit
+def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    if SWAP:
+        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def _mma(x, w, acc, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+    if SWAP:  # y^T = w x^T: the weight rows are the MMA's M side, the tokens its N side
+        return tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _store_tile(y_ptrs, acc, mask, SWAP: tl.constexpr):
+    if SWAP:
+        acc = tl.trans(acc)
+    tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])  # M only masks rows: one binary per BLOCK_M
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
-    PREFETCH_K: tl.constexpr, LINE: tl.constexpr, SWAP: tl.constexpr,
+    PREFETCH_K: tl.constexpr, LINE: tl.constexpr, SWAP: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    # Program (pid, pid_k): rows [pid * BLOCK_N, +BLOCK_N) of y over K in [pid_k * K_SPLIT, +K_SPLIT).
+    # Program (pid, pid_k): rows [pid * GROUP * BLOCK_N, +GROUP * BLOCK_N) of y, as GROUP tiles of BLOCK_N rows
+    # (masks n_ok, n_ok1..3; accumulators acc, acc1..3), over K in [pid_k * K_SPLIT, +K_SPLIT).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid * (GROUP * BLOCK_N) + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    n_ok1 = (offs_n + BLOCK_N) < N
+    n_ok2 = (offs_n + 2 * BLOCK_N) < N
+    n_ok3 = (offs_n + 3 * BLOCK_N) < N
     if PDL and PREFETCH_K > 0:  # weights only (the previous kernel never writes them), one hint per LINE columns
         offs_pf = k_lo + tl.arange(0, PREFETCH_K // LINE) * LINE
-        pf_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_pf[None, :]
-        prefetch_l2(tl.where(n_ok[:, None] & (offs_pf < k_hi)[None, :], pf_ptrs, w_ptr))
+        for g in tl.static_range(GROUP):
+            pf_ptrs = w_ptr + (offs_n + g * BLOCK_N).to(tl.int64)[:, None] * stride_wn + offs_pf[None, :]
+            pf_ok = ((offs_n + g * BLOCK_N) < N)[:, None] & (offs_pf < k_hi)[None, :]
+            prefetch_l2(tl.where(pf_ok, pf_ptrs, w_ptr))
     pdl_wait(PDL)  # x may come from the previous kernel: nothing but weight hints before this
     if not LATE_TRIGGER:
         pdl_trigger(PDL)
@@ -117,25 +156,30 @@ def _skinny_gemm_kernel(
     m_ok = offs_m < M
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k_lo + offs_k)[None, :]  # [BN, BK], K contiguous
-    if SWAP:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_tile = BLOCK_N * stride_wn  # from one row tile of the group to the next
+    acc = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
+    acc1 = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
+    acc2 = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
+    acc3 = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
     for k in range(k_lo, k_hi, BLOCK_K):
         # Masks constant along K when K is a multiple of BLOCK_K, so that the loads stay vectorised.
         if EVEN_K:
             x_mask = m_ok[:, None]
-            w_mask = n_ok[:, None]
+            w_mask, w_mask1, w_mask2, w_mask3 = n_ok[:, None], n_ok1[:, None], n_ok2[:, None], n_ok3[:, None]
         else:
-            k_ok = (k + offs_k) < K
-            x_mask = m_ok[:, None] & k_ok[None, :]
-            w_mask = n_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            k_ok = ((k + offs_k) < K)[None, :]
+            x_mask = m_ok[:, None] & k_ok
+            w_mask, w_mask1 = n_ok[:, None] & k_ok, n_ok1[:, None] & k_ok
+            w_mask2, w_mask3 = n_ok2[:, None] & k_ok, n_ok3[:, None] & k_ok
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)  # once for the whole group
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if SWAP:  # y^T = w x^T: the weight rows are the MMA's M side, the tokens its N side
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = _mma(x, w, acc, SWAP, PRECISION)
+        if GROUP > 1:
+            acc1 = _mma(x, tl.load(w_ptrs + w_tile, mask=w_mask1, other=0.0), acc1, SWAP, PRECISION)
+        if GROUP > 2:
+            acc2 = _mma(x, tl.load(w_ptrs + 2 * w_tile, mask=w_mask2, other=0.0), acc2, SWAP, PRECISION)
+        if GROUP > 3:
+            acc3 = _mma(x, tl.load(w_ptrs + 3 * w_tile, mask=w_mask3, other=0.0), acc3, SWAP, PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if LATE_TRIGGER:  # only the stores are left: the next kernel's launch overlaps them
@@ -144,6 +188,12 @@ def _skinny_gemm_kernel(
         acc = tl.trans(acc)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
+    if GROUP > 1:
+        _store_tile(y_ptrs + BLOCK_N, acc1, m_ok[:, None] & n_ok1[None, :], SWAP)
+    if GROUP > 2:
+        _store_tile(y_ptrs + 2 * BLOCK_N, acc2, m_ok[:, None] & n_ok2[None, :], SWAP)
+    if GROUP > 3:
+        _store_tile(y_ptrs + 3 * BLOCK_N, acc3, m_ok[:, None] & n_ok3[None, :], SWAP)
     if SPLIT_K == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
@@ -165,12 +215,13 @@ SMEM_PER_SM = 228 * 1024  # Hopper (H100, H200): per SM, of which 1 KB per resid
 
 def resident_per_sm(cfg: GemvConfig, block_m: int, elt: int) -> int:
     """Programs of this tile one SM holds at once. Shared memory binds for every decode tile: the pipeline
-    keeps num_stages - 1 ``[BLOCK_M + BLOCK_N, BLOCK_K]`` buffers (num_stages where Triton emits Hopper's
-    wgmma: 64 token rows, or a swapped tile), checked
+    keeps num_stages - 1 ``[BLOCK_M + group x BLOCK_N, BLOCK_K]`` buffers (num_stages where Triton emits
+    Hopper's wgmma: where the MMA's row side, the tokens or a swapped tile's weight rows, is 64 or more), checked
     against the compiler's own figure on the CPU (tests/test_kernel_compile.py); registers (46-96 per
     thread) would allow 5-10 programs per SM."""
-    buffers = cfg.num_stages if block_m >= 64 or cfg.swap else max(cfg.num_stages - 1, 1)  # wgmma: num_stages
-    smem = buffers * (block_m + cfg.block_n) * cfg.block_k * elt
+    wgmma = (cfg.block_n if cfg.swap else block_m) >= 64
+    buffers = cfg.num_stages if wgmma else max(cfg.num_stages - 1, 1)
+    smem = buffers * (block_m + cfg.group * cfg.block_n) * cfg.block_k * elt
     return max(1, min(SMEM_PER_SM // (smem + 1024), 64 // cfg.num_warps))
 
 
@@ -190,7 +241,7 @@ def launch_grid(N: int, K: int, cfg: GemvConfig) -> tuple[int, int, int]:
     """``(row tiles, K splits, columns per split)`` of a launch: each split covers a whole number of
     BLOCK_K steps, so a short K gets fewer splits than ``cfg.split_k`` asks for."""
     k_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
-    return triton.cdiv(N, cfg.block_n), triton.cdiv(K, k_split), k_split
+    return triton.cdiv(N, cfg.group * cfg.block_n), triton.cdiv(K, k_split), k_split
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
@@ -224,7 +275,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late),
         PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line, SWAP=cfg.swap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
+        GROUP=cfg.group, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
 

@@ -317,9 +317,14 @@ def main(args: argparse.Namespace) -> int:
         trials.append(trial)
         write_json(out_dir / "ab.json", {"partial": True, "args": vars_of(args), "trials": trials})
 
+    signalled: list[str] = []
+
     def stop(signum, frame):
+        signalled.append(f"stopped by signal {signal.Signals(signum).name}")
         kill_live_servers()  # at once, as the benchmarks do on SIGTERM: its sender will not wait for a drain
-        raise Stopped(f"stopped by signal {signal.Signals(signum).name}")
+        # Python drops an exception raised while a weakref callback or __del__ runs: then the run goes on
+        # against dead servers, and the connection error below is read as this stop (`signalled`).
+        raise Stopped(signalled[-1])
 
     budget, stopped = Budget(args.time_budget), None
     previous = signal.signal(signal.SIGTERM, stop)
@@ -339,9 +344,12 @@ def main(args: argparse.Namespace) -> int:
     except Stopped as e:
         stopped = str(e)
     except (ServerError, ValueError, aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        write_json(out_dir / "ab.json", {"error": str(e), "args": vars_of(args), "trials": trials})
-        return 1
+        if signalled:  # the servers were killed by the stop, and the Stopped raised there was lost
+            stopped = signalled[-1]
+        else:
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            write_json(out_dir / "ab.json", {"error": str(e), "args": vars_of(args), "trials": trials})
+            return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     trials = completed(trials)

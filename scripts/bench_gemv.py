@@ -242,10 +242,14 @@ def main() -> None:
         default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
         grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
         if args.swap or args.group:  # only the swapped or the grouped tiles: checked, then timed
-            grid = SWAP_GRID if args.swap else GROUP_GRID
+            grid = list(SWAP_GRID if args.swap else GROUP_GRID)
             ref = F.linear(x, weights[0]).float()
-            for c in grid:
-                err = ((skinny_linear(x, weights[0], c).float() - ref).norm() / ref.norm()).item()
+            for c in list(grid):
+                try:
+                    err = ((skinny_linear(x, weights[0], c).float() - ref).norm() / ref.norm()).item()
+                except triton.runtime.errors.OutOfResources:  # more shared memory than this card has
+                    grid.remove(c)
+                    continue
                 if not err < 1e-2:
                     raise SystemExit(f"{c}: relative error {err:.2e} against F.linear")
         if args.late:  # every tile with the PDL trigger at the start and after the K loop

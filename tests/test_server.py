@@ -14,8 +14,12 @@ import warnings
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
+
+try:
+    import openai
+except ImportError:  # the GPU image has none; tests/test_server_gpu.py uses Server, never its openai client
+    openai = None
 
 import deltaserve
 from deltaserve.models.make_model import make_model

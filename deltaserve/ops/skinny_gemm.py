@@ -53,7 +53,9 @@ class GemvConfig:
     # group > 1: one program streams `group` adjacent BLOCK_N-row tiles, each with its own accumulator, against
     # one load of the token tile per K step. A row tile of group x block_n rows need not be a power of two
     # (3 x 32 = 96 rows: 129 programs for the 12,352-row 35B-A3B in_proj, one per SM of a 132-SM card), so the
-    # grid can match the card while each program reads the token tile only once.
+    # grid can match the card while each program reads the token tile only once. Measured (H100,
+    # docs/perf/2026-12-07.md): no faster than the picked tiles on the 35B-A3B and 9B in_proj at 16-64 tokens;
+    # the sweep's (bench_gemv.py --group), not pick_config's.
     group: int = 1
 
     def __post_init__(self):

@@ -72,6 +72,9 @@ def assert_error_body(r: httpx.Response, status: int, param: str | None = None) 
     return err
 
 
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+
+
 def _chat(**fields) -> dict:
     return {"model": NAME, "messages": CHAT, "max_tokens": 4, **fields}
 
@@ -122,6 +125,13 @@ BAD = [
     ("image-part", "chat", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]}, 501, "messages"),
     ("presence-penalty", "chat", _chat(presence_penalty=0.5), 501, "presence_penalty"),
+    ("json-mode", "chat", _chat(response_format={"type": "json_object"}), 501, "response_format"),
+    ("json-schema-completions", "completions", {"prompt": "hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, 501, "response_format"),
+    ("response-format-string", "chat", _chat(response_format="json"), 400, "response_format"),
+    ("tools", "chat", _chat(tools=[TOOL]), 501, "tools"),
+    ("tools-required", "chat", _chat(tools=[TOOL], tool_choice="required"), 501, "tools"),
+    ("legacy-functions", "chat", _chat(functions=[TOOL["function"]]), 501, "functions"),
     ("unknown-model", "chat", _chat(model="gpt-9"), 404, "model"),
     ("completions-no-prompt", "completions", {"model": NAME, "max_tokens": 2}, 400, "prompt"),
     ("completions-empty-prompt", "completions", {"prompt": "", "max_tokens": 2}, 400, "prompt"),
@@ -150,6 +160,16 @@ def test_bad_request(server, case):
         assert 256 in counts and any(c > 256 for c in counts), err["message"]
     if name == "unknown-model":
         assert err["message"] == "The model `gpt-9` does not exist."
+
+
+def test_text_format_and_declined_tools_are_served(server):
+    """``response_format: text`` and tools with ``tool_choice: "none"`` ask for nothing deltaserve lacks: 200."""
+    url = server.url + "/v1/chat/completions"
+    for extra in ({"response_format": {"type": "text"}}, {"tools": [TOOL], "tool_choice": "none"},
+                  {"response_format": None, "tools": []}):
+        r = httpx.post(url, json=_chat(**extra), headers=AUTH, timeout=60)
+        assert r.status_code == 200, (extra, r.text)
+        assert r.json()["choices"][0]["message"]["content"]
 
 
 def test_http_level_errors(server):

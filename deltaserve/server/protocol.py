@@ -92,6 +92,7 @@ class SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    response_format: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -103,6 +104,12 @@ class SamplingRequest(_Request):
                 raise unsupported(f"{name} is not supported; use repetition_penalty", name)
         if self.logit_bias:
             raise unsupported("logit_bias is not supported", "logit_bias")
+        # A client asking for JSON relies on getting it: free text in its place would be a silent failure.
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise unsupported(f"response_format type {kind!r} is not supported: deltaserve has no constrained "
+                              "(JSON) decoding; leave response_format out or send {\"type\": \"text\"}",
+                              "response_format")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Validated SamplingParams of the whole request; raises InvalidRequestError naming the field."""
@@ -134,6 +141,18 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # the legacy form of tools
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        # No tool-call parser: a client offering tools expects tool_calls back, never free text about them.
+        # tool_choice "none" says the tools may be ignored, and they are (they do not reach the template).
+        if (self.tools or self.functions) and self.tool_choice != "none":
+            raise unsupported("tool calling is not supported: deltaserve does not parse tool calls; leave tools "
+                              "out, or send tool_choice \"none\" to have them ignored",
+                              "tools" if self.tools else "functions")
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

@@ -166,7 +166,7 @@ def test_text_format_and_declined_tools_are_served(server):
     """``response_format: text`` and tools with ``tool_choice: "none"`` ask for nothing deltaserve lacks: 200."""
     url = server.url + "/v1/chat/completions"
     for extra in ({"response_format": {"type": "text"}}, {"tools": [TOOL], "tool_choice": "none"},
-                  {"response_format": None, "tools": []}):
+                  {"functions": [TOOL["function"]], "function_call": "none"}, {"response_format": None, "tools": []}):
         r = httpx.post(url, json=_chat(**extra), headers=AUTH, timeout=60)
         assert r.status_code == 200, (extra, r.text)
         assert r.json()["choices"][0]["message"]["content"]

@@ -143,16 +143,20 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool | None = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None  # the legacy form of tools
+    functions: list[dict[str, Any]] | None = None  # the legacy form of tools and tool_choice
+    function_call: str | dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         # No tool-call parser: a client offering tools expects tool_calls back, never free text about them.
         # tool_choice "none" says the tools may be ignored, and they are (they do not reach the template).
-        if (self.tools or self.functions) and self.tool_choice != "none":
+        if self.tools and self.tool_choice != "none":
             raise unsupported("tool calling is not supported: deltaserve does not parse tool calls; leave tools "
-                              "out, or send tool_choice \"none\" to have them ignored",
-                              "tools" if self.tools else "functions")
+                              "out, or send tool_choice \"none\" to have them ignored", "tools")
+        if self.functions and self.function_call != "none":
+            raise unsupported("function calling is not supported: deltaserve does not parse function calls; "
+                              "leave functions out, or send function_call \"none\" to have them ignored",
+                              "functions")
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

@@ -164,6 +164,45 @@ def chain_ab(args: argparse.Namespace) -> None:
     save(args, bw, rows)
 
 
+def fit_k(args: argparse.Namespace) -> None:
+    """Split a GEMM's time into a per-launch constant and a streaming rate: the picked tile of a 12,352-row
+    weight (the 35B-A3B / 9B in_proj rows, so the grid stays 193-386 programs) at K = 512 ... 8192, PDL on,
+    24 distinct weights per CUDA graph, and per M the least-squares line ``t = c + bytes / rate``. A rate
+    near the copy bandwidth says the K loop streams well, and ``c`` is what a launch costs whatever its
+    bytes: the fill before the first MMA, the drain after the last, the output store. At 64 tokens the
+    in_proj sweep put ``c`` at 3.3 µs on an H100 (docs/perf/2026-12-07.md)."""
+    import numpy as np
+
+    pdl.enable(args.pdl, "cuda")
+    bw = measure_copy_bandwidth(torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; PDL {'on' if args.pdl else 'off'}")
+    n, ks, rows = 12352, (512, 1024, 2048, 4096, 8192), []
+    for k in ks:
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(24)]
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            us = time_us(lambda a, w: skinny_linear(a, w), weights, x)
+            rows.append({"M": m, "N": n, "K": k, "bytes": n * k * 2, "us": us,
+                         "config": dataclasses.asdict(pick_config(m, n, k))})
+        del weights
+        torch.cuda.empty_cache()
+    fits = []
+    for m in sorted({r["M"] for r in rows}):
+        pts = [r for r in rows if r["M"] == m]
+        b, t = np.array([r["bytes"] for r in pts], dtype=float), np.array([r["us"] for r in pts])
+        slope, const = np.polyfit(b, t, 1)  # us per byte, us
+        resid = t - (const + slope * b)
+        fits.append({"M": m, "constant_us": const, "rate_bytes_per_s": 1e6 / slope,
+                     "rate_of_copy_bw": 1e6 / slope / bw, "max_residual_us": float(abs(resid).max())})
+        print(f"M={m:<3} " + "  ".join(f"K={r['K']} {r['us']:6.2f}" for r in pts) +
+              f"  ->  {const:5.2f} us + bytes / {1e6 / slope / 1e12:.3f} TB/s ({1e6 / slope / bw:.1%} of copy), "
+              f"max residual {abs(resid).max():.2f} us")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows, "fits": fits},
+                      f, indent=2)
+
+
 def occupancy(args: argparse.Namespace) -> None:
     """The picked tile of every shape and M as compiled: registers per thread, shared memory per program,
     the programs one SM can hold by each, and the grid against what the card holds at once."""
@@ -225,6 +264,8 @@ def main() -> None:
     p.add_argument("--chain-ab", action="store_true", help="only the picked tile: PDL off, on, and on with a late "
                    "trigger and/or an L2 weight prefetch before the wait (interleaved), per shape and M")
     p.add_argument("--with-norm", action="store_true", help="--chain-ab: our RMSNorm kernel before every GEMM")
+    p.add_argument("--fit-k", action="store_true", help="only: the picked tile of a 12352-row weight at K = 512 ... "
+                   "8192, and per M the fit t = constant + bytes / rate (the per-launch cost and the streaming rate)")
     args = p.parse_args()
     if args.occupancy:
         return occupancy(args)
@@ -232,6 +273,8 @@ def main() -> None:
         return chain_ab(args)
     if args.pdl_ab:
         return pdl_ab(args)
+    if args.fit_k:
+        return fit_k(args)
     pdl.enable(args.pdl, "cuda")
     bw = measure_copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; PDL {'on' if args.pdl else 'off'}")

@@ -209,6 +209,8 @@ for stage in "$@"; do
     gemv-group) # the grouped tiles (several row tiles per program, one load of the tokens) on the in_proj shapes
       run gemv-group python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj,9B GDN in_proj,122B}" \
         --m "${GROUP_M:-16,32,64}" --pdl --group --output "$LOGS/gemv-group.json" ;;
+    gemv-fit) # the per-launch constant and the streaming rate of the picked tiles, per M (K = 512 ... 8192)
+      run gemv-fit python3 scripts/bench_gemv.py --fit-k --pdl --m "${FIT_M:-1,16,32,64}" --output "$LOGS/gemv-fit.json" ;;
     engine-pdl) run engine-pdl python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \
                   -k "${ENGINE_PDL_K:-pdl_option or pdl_late}" ;;
     step-ab-*) # step-ab-<preset>: STEP_A vs STEP_B (default serial vs fused; STEP_A_FLAGS / STEP_B_FLAGS: a side's

@@ -68,6 +68,13 @@ GROUP_GRID += [GemvConfig(bn, 128, 4, s, group=g) for bn, g in [(16, 3), (16, 4)
 GROUP_GRID += [GemvConfig(bn, bk, w, 4, group=g) for bn, bk, w, g in [(32, 128, 8, 3), (32, 128, 8, 4),
                                                                       (64, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 4)]]
 GROUP_GRID += [GemvConfig(bn, 128, 4, s, group=g, swap=True) for bn, g in [(64, 2), (64, 3), (32, 3)] for s in (3, 4)]
+# Filling the gap between two launches (docs/perf/2026-12-07.md: at 64 tokens each GEMM costs a constant ~3.3 us
+# over its streaming time). With 2 stages a grouped program leaves room on its SM for one program of the next
+# GEMM, so under the early PDL trigger the next grid is resident at once and its L2 weight prefetch (before its
+# wait) runs while this one drains, instead of after it.
+GROUP_GRID += [GemvConfig(32, 128, 4, 2, late_trigger=False, prefetch_k=pf, group=3) for pf in (0, 256, 512)]
+GROUP_GRID += [GemvConfig(32, 128, 4, 3, late_trigger=False, prefetch_k=256, group=3),
+               GemvConfig(64, 128, 4, 2, late_trigger=False, prefetch_k=256, group=2)]
 
 
 def time_us(fn, weights, x, replays: int = 24) -> float:

@@ -127,6 +127,10 @@ def test_ab_identical_configs_resolve_no_difference(model_dir, tmp_path):
     for row in report["comparison"]:
         assert row["combined_tok_s"]["comparison"]["verdict"] == "no difference resolved", row
         assert len(row["combined_tok_s"]["a_trials"]) == 3 and row["failed"] == {"a": 0, "b": 0}
+    # per-token gaps only in the level summaries (--save-detailed keeps the raw lists: test_ab_paired_...)
+    reqs = [r for t in report["trials"] for lv in t["levels"] for rd in lv["round_records"] for r in rd["requests"]]
+    assert reqs and all("itl_s" not in r and r["ttft_s"] > 0 for r in reqs)
+    assert all(lv["samples"]["itl"] > 0 and lv["p99_itl_ms"] > 0 for t in report["trials"] for lv in t["levels"])
     assert len(report["equivalence"]) == 5
     for eq in report["equivalence"]:
         assert eq["equal"] and eq["a_reproducible"] and eq["b_reproducible"], eq
@@ -149,9 +153,12 @@ def test_ab_detects_a_slower_server(model_dir, tmp_path):
 def test_ab_paired_runs_both_servers_once_and_detects_a_slower_one(model_dir, tmp_path):
     out = tmp_path / "paired"
     assert bench("ab", str(model_dir), "--a=--max-num-seqs 4", "--b=--max-num-seqs 4 --debug-step-delay-ms 40",
-                 *SMALL_SWEEP, "--paired", "--trials", "3", "--equiv-prompts", "1", "--output", str(out)) == 0
+                 *SMALL_SWEEP, "--paired", "--trials", "3", "--equiv-prompts", "1", "--save-detailed",
+                 "--output", str(out)) == 0
     report = json.loads((out / "ab.json").read_text())
     assert sorted(p.name for p in out.glob("server-*.log")) == ["server-A.log", "server-B.log"]  # one start each
+    reqs = [r for t in report["trials"] for lv in t["levels"] for rd in lv["round_records"] for r in rd["requests"]]
+    assert reqs and all(0 < len(r["itl_s"]) < r["completion_tokens"] for r in reqs)  # --save-detailed
     assert [t["side"] + str(t["trial"]) for t in report["trials"]] == ["A1", "B1", "B2", "A2", "A3", "B3"]
     # warm-up rounds in the first trial only: the servers stay up between trials
     assert [{lv["warmup_rounds"] for lv in t["levels"]} for t in report["trials"]] == [{1}, {1}] + [{0}] * 4

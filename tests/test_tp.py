@@ -32,7 +32,7 @@ def _logits(model_dir, mode: str) -> torch.Tensor:
 
 
 def _rank_main(rank: int, port: int, jobs: list, results) -> None:
-    from deltaserve.distributed import init_tp, shutdown_tp
+    from deltaserve.distributed import exit_worker, init_tp, shutdown_tp
 
     init_tp(rank, 2, port, "cpu")
     for key, model_dir, mode in jobs:
@@ -40,6 +40,9 @@ def _rank_main(rank: int, port: int, jobs: list, results) -> None:
         if rank == 0:
             results.put((key, logits.numpy()))  # plain arrays: tensors would travel as fds that die with the rank
     shutdown_tp()
+    results.close()
+    results.join_thread()  # the queue's feeder thread has handed everything over
+    exit_worker()  # as the engine's TP workers end: no interpreter teardown after the process group
 
 
 @pytest.fixture(scope="module")

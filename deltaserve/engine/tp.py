@@ -85,6 +85,10 @@ def _worker(rank: int, cfg: EngineConfig, model_dir: str, port: int, parent: int
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise
+    if not cfg.device.startswith("cuda"):  # gloo, where the abort was seen; NCCL ranks: not yet run on 2 GPUs
+        from deltaserve.distributed import exit_worker
+
+        exit_worker()  # no interpreter teardown after the process group (see exit_worker)
 
 
 class TPExecutor:

@@ -42,6 +42,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="Port to bind (0: any free port).")
     parser.add_argument("--served-model-name", default=None,
                         help="Model name in the API (default: MODEL as given, or deltaserve-demo).")
+    parser.add_argument("--chat-template", default=None,
+                        help="Jinja chat template to use instead of the checkpoint's: a file, or the template text "
+                             "itself (checked at start).")
     parser.add_argument("--api-key", default=None,
                         help="Require 'Authorization: Bearer KEY' on /v1/* (default: $DELTASERVE_API_KEY, "
                              "else no key).")
@@ -74,6 +77,14 @@ def main_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.chat_template is not None:
+        from deltaserve.tokenizer import load_chat_template
+
+        try:
+            args.chat_template = load_chat_template(args.chat_template)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     for flag, value, lowest in (("--max-queued-requests", args.max_queued_requests, 0),
                                 ("--max-request-bytes", args.max_request_bytes, 1),
                                 ("--shutdown-timeout", args.shutdown_timeout, 0)):
@@ -83,6 +94,8 @@ def main_serve(args: argparse.Namespace) -> int:
     defaults = _defaults()
     serving = {k: getattr(args, k) for k in ("max_queued_requests", "shutdown_timeout", "max_request_bytes")
                if getattr(args, k) != defaults[k]}
+    if args.chat_template is not None:
+        serving["chat_template"] = f"{len(args.chat_template)} characters"
     options = {**cfg.non_defaults(), **serving}
     print("deltaserve serve: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "all defaults"), flush=True)
     return asyncio.run(_serve(args, cfg))
@@ -163,6 +176,8 @@ async def _load(server: _Server, state: ServerState, cfg: EngineConfig, args: ar
     def build() -> None:
         try:
             engine = AsyncEngine(cfg, max_queued_requests=args.max_queued_requests)
+            if args.chat_template is not None:
+                engine.tokenizer.set_chat_template(args.chat_template)
             result = (engine, None)
         except BaseException as e:  # noqa: BLE001 - reported to the event loop below
             result = (None, e)

@@ -76,6 +76,22 @@ GROUP_GRID += [GemvConfig(32, 128, 4, 2, late_trigger=False, prefetch_k=pf, grou
 GROUP_GRID += [GemvConfig(32, 128, 4, 3, late_trigger=False, prefetch_k=256, group=3),
                GemvConfig(64, 128, 4, 2, late_trigger=False, prefetch_k=256, group=2)]
 
+# --overlap: the next GEMM's weight stream started under this one's drain. A 2-stage (or 64-wide, 4-stage) grouped
+# program takes 80 KB of shared memory at 64 tokens, so an SM holds it and one program of the next GEMM; with
+# 3 x 32 rows the 35B-A3B / 9B in_proj is 129 programs, one per SM. The trigger fires `trigger_left` K steps
+# before the end of the loop ("late": after it; "start": after the wait), the next grid lands beside this one
+# and asks for the first prefetch_k columns of its weights in L2 before its wait. The picked tile and the
+# 3-stage grouped tile (one program per SM, no room beside it) are the controls.
+_TRIGGERS = {"start": dict(late_trigger=False), "late": dict(late_trigger=True),
+             **{f"left{n}": dict(late_trigger=True, trigger_left=n) for n in (1, 2, 4)}}
+OVERLAP_GRID = [GemvConfig(32, 128, 4, 2, group=3, prefetch_k=pf, **_TRIGGERS[t])
+                for t in ("start", "late", "left1", "left2", "left4") for pf in (0, 256)]
+OVERLAP_GRID += [GemvConfig(32, 64, 4, 4, group=3, prefetch_k=pf, **_TRIGGERS[t])
+                 for t in ("late", "left2", "left4") for pf in (0, 256)]
+OVERLAP_GRID += [GemvConfig(32, 128, 4, 2, group=3, prefetch_k=512, **_TRIGGERS["left2"]),
+                 GemvConfig(32, 128, 4, 3, group=3, **_TRIGGERS["late"]),
+                 GemvConfig(32, 128, 4, 3, group=3, prefetch_k=256, **_TRIGGERS["left2"])]
+
 
 def time_us(fn, weights, x, replays: int = 24) -> float:
     """Median µs per weight; inf for a config this card cannot run (too much shared memory)."""
@@ -264,6 +280,9 @@ def main() -> None:
     p.add_argument("--swap", action="store_true", help="only the swapped (y^T = w x^T) tiles and one reference tile")
     p.add_argument("--group", action="store_true", help="only the grouped tiles (several row tiles per program) "
                    "and the 128-row reference tile")
+    p.add_argument("--overlap", action="store_true", help="only the tiles that start the next GEMM's weight stream "
+                   "under this one's drain (2-stage grouped tiles, trigger K steps before the end, L2 prefetch) and "
+                   "the picked tile, each timed twice (forwards, then backwards) and listed")
     p.add_argument("--late", action="store_true", help="with --pdl: try every tile with the early and the late "
                    "PDL trigger")
     p.add_argument("--occupancy", action="store_true", help="only: the picked tiles' registers, shared memory and "
@@ -291,8 +310,12 @@ def main() -> None:
         cublas = time_us(F.linear, weights, x)
         default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
         grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
-        if args.swap or args.group:  # only the swapped or the grouped tiles: checked, then timed
-            grid = list(SWAP_GRID if args.swap else GROUP_GRID)
+        if args.swap or args.group or args.overlap:  # only the swapped, grouped or overlap tiles: checked, then timed
+            grid = list(SWAP_GRID if args.swap else GROUP_GRID if args.group else OVERLAP_GRID)
+            if args.overlap:  # the picked tile (with its own trigger) and its late-trigger variants as controls
+                base = pick_config(m, n, k)
+                grid += [base] + [dataclasses.replace(base, late_trigger=True, trigger_left=t, prefetch_k=pf)
+                                  for t, pf in ((0, 0), (2, 256), (4, 256))]
             ref = F.linear(x, weights[0]).float()
             for c in list(grid):
                 try:
@@ -304,7 +327,13 @@ def main() -> None:
                     raise SystemExit(f"{c}: relative error {err:.2e} against F.linear")
         if args.late:  # every tile with the PDL trigger at the start and after the K loop
             grid = [dataclasses.replace(c, late_trigger=late) for c in grid for late in (False, True)]
+        grid = list(dict.fromkeys(grid))
         tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
+        if args.overlap:  # a second pass in reverse order, averaged: drift over the sweep cancels
+            for c in grid[::-1]:
+                tried[c] = (tried[c] + time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x)) / 2
+            for c, us in sorted(tried.items(), key=lambda kv: kv[1]):
+                print(f"    {us:6.2f} ({us / floor_us:.3f}x)  {c}")
         best = min(tried, key=tried.get)
         rows.append({"shape": name, "N": n, "K": k, "M": m, "floor_us": floor_us, "cublas_us": cublas,
                      "default_us": default, "default_config": dataclasses.asdict(pick_config(m, n, k)),

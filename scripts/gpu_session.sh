@@ -109,6 +109,9 @@ for stage in "$@"; do
             "$flag" --batch 1,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/out-ab-$rep$flag.json"
         done
       done ;;
+    offline35b-40) # all 40 layers of the 35B-A3B shape, also on an 80 GB card (64.3 GiB of weights)
+      run offline35b-40 python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b --layers 40 \
+        --gpu-memory-utilization 0.96 --batch 1,16 --output-len 128 --max-num-seqs 16 --output "$LOGS/offline35b-40.json" ;;
     offline35b-cublas-out) run offline35b-cublas-out python3 -m deltaserve.cli bench offline --preset qwen3.5-35b-a3b \
                   ${LAYERS35:+--layers $LAYERS35} --no-skinny-out-proj --batch 1,16 --output-len 128 --max-num-seqs 16 \
                   --output "$LOGS/offline35b-cublas-out.json" ;;
@@ -209,6 +212,9 @@ for stage in "$@"; do
     gemv-group) # the grouped tiles (several row tiles per program, one load of the tokens) on the in_proj shapes
       run gemv-group python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj,9B GDN in_proj,122B}" \
         --m "${GROUP_M:-16,32,64}" --pdl --group --output "$LOGS/gemv-group.json" ;;
+    gemv-overlap) # the next GEMM's weight stream under this one's drain: 2-stage grouped tiles, trigger before the end
+      run gemv-overlap python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj}" --m "${OVERLAP_M:-64,32,16}" \
+        --pdl --overlap --output "$LOGS/gemv-overlap.json" ;;
     gemv-fit) # the per-launch constant and the streaming rate of the picked tiles, per M (K = 512 ... 8192)
       run gemv-fit python3 scripts/bench_gemv.py --fit-k --pdl --m "${FIT_M:-1,16,32,64}" --output "$LOGS/gemv-fit.json" ;;
     engine-pdl) run engine-pdl python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \

@@ -31,10 +31,10 @@ SCRIPT = textwrap.dedent(
     SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
            "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     out = []
-    for pdl, split, late, prefetch, group in json.loads(sys.argv[1]):
+    for pdl, split, late, prefetch, group, left in json.loads(sys.argv[1]):
         consts = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "EVEN_K": True, "SPLIT_K": split,
                   "PRECISION": "tf32", "PDL": pdl, "LATE_TRIGGER": late, "PREFETCH_K": prefetch, "LINE": 64,
-                  "SWAP": False, "GROUP": group}
+                  "SWAP": False, "GROUP": group, "TRIGGER_LEFT": left}
         # pointers and sizes 16-divisible, as Triton specialises them at a real launch: vectorised, pipelined
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n not in ("M",)}
         src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _compiled_ops(variants: list[tuple[bool, int, bool, int, int]]) -> list[list[str]]:
+def _compiled_ops(variants: list[tuple[bool, int, bool, int, int, int]]) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(variants)], capture_output=True, text=True, env=env,
                        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,25 +58,31 @@ def _compiled_ops(variants: list[tuple[bool, int, bool, int, int]]) -> list[list
 
 
 def test_skinny_gemm_pdl_variants_compile_for_sm90_in_the_right_order():
-    # (PDL, split-K, late trigger, prefetch columns, row tiles per program)
-    plain, pdl, pdl_split, late, late_split, prefetch, grouped = _compiled_ops(
-        [(False, 1, False, 0, 1), (True, 1, False, 0, 1), (True, 4, False, 0, 1), (True, 1, True, 0, 1),
-         (True, 4, True, 0, 1), (True, 1, True, 256, 1), (True, 1, True, 256, 3)])
+    # (PDL, split-K, late trigger, prefetch columns, row tiles per program, trigger K steps before the end)
+    plain, pdl, pdl_split, late, late_split, prefetch, grouped, left = _compiled_ops(
+        [(False, 1, False, 0, 1, 0), (True, 1, False, 0, 1, 0), (True, 4, False, 0, 1, 0), (True, 1, True, 0, 1, 0),
+         (True, 4, True, 0, 1, 0), (True, 1, True, 256, 1, 0), (True, 1, True, 256, 3, 0), (True, 1, True, 256, 3, 2)])
     assert not any(o.startswith("griddepcontrol") for o in plain)
-    for ops in (pdl, pdl_split, late, late_split, prefetch, grouped):
+    for ops in (pdl, pdl_split, late, late_split, prefetch, grouped, left):
         wait = ops.index("griddepcontrol.wait")
-        if ops in (prefetch, grouped):  # only weight hints before the wait: 32 rows x 4 lines over 128 threads
+        if ops in (prefetch, grouped, left):  # only weight hints before the wait: 32 rows x 4 lines over 128 threads
             assert ops[:wait] and set(ops[:wait]) == {"prefetch.global.L2"}
         else:
             assert ops[:wait] == []  # no global memory touched before the wait
         assert any(o.startswith(("ld.global", "cp.async")) for o in ops[wait:])  # the real loads come after
+        assert ops.count("griddepcontrol.launch_dependents") == 1
         trigger = ops.index("griddepcontrol.launch_dependents")
+        assert trigger > wait
         if ops in (pdl, pdl_split):
             assert trigger == wait + 1
+        elif ops is left:  # inside the K loop: the loop's own loads follow it, then the stores
+            assert any(o.startswith("cp.async") for o in ops[trigger:])
+            assert any(o.startswith("st.global") for o in ops[trigger:])
         else:  # late: every load of the K loop is issued before the next kernel may launch
             assert not any(o.startswith(("ld.global", "cp.async")) for o in ops[trigger:] if ".cg" not in o)
             assert any(o.startswith("st.global") for o in ops[trigger:])
     assert any(o.startswith("atom.") for o in pdl_split)  # the split-K arrival counter
+    assert left[left.index("griddepcontrol.wait"):] != grouped[grouped.index("griddepcontrol.wait"):]
 
 
 SMEM_SCRIPT = textwrap.dedent(
@@ -93,7 +99,7 @@ SMEM_SCRIPT = textwrap.dedent(
     for bm, bn, bk, stages, split, swap, group in json.loads(sys.argv[1]):
         consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": True, "SPLIT_K": split,
                   "PRECISION": "tf32", "PDL": True, "LATE_TRIGGER": False, "PREFETCH_K": 0, "LINE": 64,
-                  "SWAP": swap, "GROUP": group}
+                  "SWAP": swap, "GROUP": group, "TRIGGER_LEFT": 0}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n != "M"}
         src = ASTSource(fn=_skinny_gemm_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
                         constexprs=consts, attrs=attrs)

@@ -356,12 +356,33 @@ def test_prefetch_columns_must_be_whole_lines():
     assert GemvConfig(prefetch_k=256, late_trigger=True).prefetch_k == 256
 
 
+def test_trigger_left_needs_a_late_trigger():
+    for bad in (dict(trigger_left=-1), dict(trigger_left=2, late_trigger=False)):
+        with pytest.raises(ValueError, match="trigger_left=.* must be >= 0, and 0 unless the trigger is late"):
+            GemvConfig(**bad)
+    assert GemvConfig(trigger_left=2).trigger_left == 2  # late_trigger None: applies where the launch picks late
+    assert GemvConfig(trigger_left=2, late_trigger=True).trigger_left == 2
+
+
+@pytest.mark.parametrize("left", [1, 2, 40])
+def test_trigger_left_changes_nothing_off_pdl(kernel_device, left):
+    """The trigger inside the K loop (``trigger_left`` steps before the end; more steps than the loop has: at the
+    first) is timing only: without PDL the kernel is the plain one, here with a grouped tile and odd sizes."""
+    x = _rand(7, 300, dtype=torch.float32, device=kernel_device)
+    w = _rand(3 * 32 * 2 + 37, 300, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=32, block_k=64, num_stages=2, group=3, late_trigger=True, trigger_left=left)
+    torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("late,prefetch", [(True, 0), (False, 128), (True, 256), (True, 4096)])
-def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chain(late, prefetch):
-    """Under PDL, a late trigger and L2 prefetches before the wait change only timing: a graph of GEMMs
-    where each one's input is the previous one's output (plain, split-K and a wide grid) gives the
-    same bits as the engine's default launch, replay after replay."""
+@pytest.mark.parametrize("late,prefetch,left,group", [(True, 0, 0, 1), (False, 128, 0, 1), (True, 256, 0, 1),
+                                                     (True, 4096, 0, 1), (True, 256, 2, 1), (True, 256, 2, 3),
+                                                     (True, 0, 1, 3)])
+def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chain(late, prefetch, left, group):
+    """Under PDL, a late trigger (after the K loop or ``left`` steps before its end), L2 prefetches before the
+    wait and 2-stage grouped tiles change only timing: a graph of GEMMs where each one's input is the previous
+    one's output (plain, split-K and a wide grid) gives the same bits as the engine's default launch, replay
+    after replay."""
     from deltaserve.ops import pdl
 
     if pdl.unavailable("cuda"):
@@ -374,7 +395,9 @@ def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chai
         h = x
         for w in ws:
             base = pick_config(h.shape[0], w.shape[0], w.shape[1])
-            cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=prefetch) if variant else base
+            cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=prefetch, trigger_left=left,
+                                      **({"group": group, "num_stages": 2} if group > 1 and base.split_k == 1
+                                         else {})) if variant else base
             h = skinny_linear(h, w, cfg)[:, :2048]
         return h
 

@@ -57,6 +57,11 @@ class GemvConfig:
     # docs/perf/2026-12-07.md): no faster than the picked tiles on the 35B-A3B and 9B in_proj at 16-64 tokens;
     # the sweep's (bench_gemv.py --group), not pick_config's.
     group: int = 1
+    # With the late trigger: fire it this many K steps before the end of the K loop instead of after it, so
+    # that the next kernel launches (and, with prefetch_k, starts its weight stream into L2) while this one
+    # still streams its last steps: a 2-stage program leaves room on its SM for one of the next kernel's, which
+    # then fills its pipeline under this one's drain.
+    trigger_left: int = 0
 
     def __post_init__(self):
         if not 1 <= self.group <= 4:
@@ -66,6 +71,9 @@ class GemvConfig:
                              "weights, which have row tiles to spare")
         if self.prefetch_k and (self.prefetch_k & (self.prefetch_k - 1) or self.prefetch_k < 64):
             raise ValueError(f"prefetch_k={self.prefetch_k} must be 0 or a power of two >= 64 (columns)")
+        if self.trigger_left < 0 or (self.trigger_left and self.late_trigger is False):
+            raise ValueError(f"trigger_left={self.trigger_left} must be >= 0, and 0 unless the trigger is late "
+                             f"(late_trigger={self.late_trigger})")
 
 
 _prefetch_k = 0
@@ -132,6 +140,7 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr,
     PREFETCH_K: tl.constexpr, LINE: tl.constexpr, SWAP: tl.constexpr, GROUP: tl.constexpr,
+    TRIGGER_LEFT: tl.constexpr,
 ):  # fmt: skip
     # Program (pid, pid_k): rows [pid * GROUP * BLOCK_N, +GROUP * BLOCK_N) of y, as GROUP tiles of BLOCK_N rows
     # (masks n_ok, n_ok1..3; accumulators acc, acc1..3), over K in [pid_k * K_SPLIT, +K_SPLIT).
@@ -163,7 +172,12 @@ def _skinny_gemm_kernel(
     acc1 = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
     acc2 = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
     acc3 = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
+    # the late trigger's step: TRIGGER_LEFT steps before the last (the first step if there are fewer)
+    k_trigger = k_lo + tl.maximum(tl.cdiv(k_hi - k_lo, BLOCK_K) - TRIGGER_LEFT, 0) * BLOCK_K
     for k in range(k_lo, k_hi, BLOCK_K):
+        if LATE_TRIGGER and TRIGGER_LEFT > 0:
+            if k == k_trigger:
+                pdl_trigger(PDL)
         # Masks constant along K when K is a multiple of BLOCK_K, so that the loads stay vectorised.
         if EVEN_K:
             x_mask = m_ok[:, None]
@@ -184,7 +198,7 @@ def _skinny_gemm_kernel(
             acc3 = _mma(x, tl.load(w_ptrs + 3 * w_tile, mask=w_mask3, other=0.0), acc3, SWAP, PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if LATE_TRIGGER:  # only the stores are left: the next kernel's launch overlaps them
+    if LATE_TRIGGER and TRIGGER_LEFT == 0:  # only the stores are left: the next kernel's launch overlaps them
         pdl_trigger(PDL)
     if SWAP:
         acc = tl.trans(acc)
@@ -277,7 +291,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late),
         PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line, SWAP=cfg.swap,
-        GROUP=cfg.group, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
+        GROUP=cfg.group, TRIGGER_LEFT=cfg.trigger_left if late else 0, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
 

@@ -92,6 +92,17 @@ OVERLAP_GRID += [GemvConfig(32, 128, 4, 2, group=3, prefetch_k=512, **_TRIGGERS[
                  GemvConfig(32, 128, 4, 3, group=3, **_TRIGGERS["late"]),
                  GemvConfig(32, 128, 4, 3, group=3, prefetch_k=256, **_TRIGGERS["left2"])]
 
+# --persistent: one or two programs per SM, each looping over row tiles in one flattened, pipelined loop (its next
+# tile streams while it stores the last; no second wave). Deep pipelines, since one program is all an SM streams.
+PERSISTENT_GRID = [GemvConfig(bn, bk, w, s, persistent=p, swap=sw) for bn, bk, w, s, p, sw in [
+    (32, 128, 4, 4, 1, False), (32, 128, 4, 5, 1, False), (32, 128, 4, 6, 1, False), (32, 128, 4, 4, 2, False),
+    (32, 64, 4, 6, 1, False), (32, 64, 4, 8, 1, False), (32, 64, 4, 4, 2, False),
+    (64, 128, 4, 3, 1, False), (64, 128, 4, 4, 1, False), (64, 128, 4, 3, 2, False), (64, 128, 8, 4, 1, False),
+    (16, 128, 4, 6, 1, False), (64, 128, 4, 3, 1, True), (64, 128, 4, 4, 1, True), (64, 64, 4, 6, 1, True),
+    (128, 64, 8, 4, 1, True)]]
+PERSISTENT_GRID += [dataclasses.replace(c, late_trigger=late) for c in PERSISTENT_GRID[:4] + PERSISTENT_GRID[7:9]
+                    for late in (False, True)]
+
 
 def time_us(fn, weights, x, replays: int = 24) -> float:
     """Median µs per weight; inf for a config this card cannot run (too much shared memory)."""
@@ -226,6 +237,40 @@ def fit_k(args: argparse.Namespace) -> None:
                       f, indent=2)
 
 
+def copy_fit(args: argparse.Namespace) -> None:
+    """The same fit for a plain device-to-device copy (torch's), in the same harness: a chain of 24 copies
+    between distinct buffers in one CUDA graph, 6.25 ... 100 MB read per copy. Its constant is what one
+    launch of a bandwidth-bound kernel that moves those bytes costs on this card, before any GEMM; its
+    rate the card's copy bandwidth, read plus written."""
+    import numpy as np
+
+    bw = measure_copy_bandwidth(torch.device("cuda"))
+    rows = []
+    for mb in (6.25, 12.5, 25, 50, 100):
+        n = int(mb * 2**20) // 2
+        src = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(24)]
+        dst = [torch.empty_like(t) for t in src]
+
+        def run(pairs=tuple(zip(src, dst))):
+            for a, b in pairs:
+                b.copy_(a)
+
+        rows.append({"read_bytes": 2 * n, "us": time_graph(run, 24, 24)})
+        del src, dst, run
+        torch.cuda.empty_cache()
+    b = np.array([2 * r["read_bytes"] for r in rows], dtype=float)  # read + written
+    t = np.array([r["us"] for r in rows])
+    slope, const = np.polyfit(b, t, 1)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s (2 GiB copy)")
+    print("  ".join(f"{r['read_bytes'] / 2**20:g} MB {r['us']:6.2f}" for r in rows) +
+          f"  ->  {const:5.2f} us + bytes / {1e6 / slope / 1e12:.3f} TB/s ({1e6 / slope / bw:.1%} of the 2 GiB copy), "
+          f"max residual {abs(t - const - slope * b).max():.2f} us")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows,
+                       "constant_us": const, "rate_bytes_per_s": 1e6 / slope}, f, indent=2)
+
+
 def occupancy(args: argparse.Namespace) -> None:
     """The picked tile of every shape and M as compiled: registers per thread, shared memory per program,
     the programs one SM can hold by each, and the grid against what the card holds at once."""
@@ -283,6 +328,10 @@ def main() -> None:
     p.add_argument("--overlap", action="store_true", help="only the tiles that start the next GEMM's weight stream "
                    "under this one's drain (2-stage grouped tiles, trigger K steps before the end, L2 prefetch) and "
                    "the picked tile, each timed twice (forwards, then backwards) and listed")
+    p.add_argument("--persistent", action="store_true", help="only the persistent tiles (one or two programs per "
+                   "SM looping over row tiles) and the picked tile, each timed twice (forwards, then backwards)")
+    p.add_argument("--copy-fit", action="store_true", help="only: the per-launch constant and the rate of a plain "
+                   "copy in the same harness (24 copies of 6.25 ... 100 MB in one CUDA graph)")
     p.add_argument("--late", action="store_true", help="with --pdl: try every tile with the early and the late "
                    "PDL trigger")
     p.add_argument("--occupancy", action="store_true", help="only: the picked tiles' registers, shared memory and "
@@ -301,6 +350,8 @@ def main() -> None:
         return pdl_ab(args)
     if args.fit_k:
         return fit_k(args)
+    if args.copy_fit:
+        return copy_fit(args)
     pdl.enable(args.pdl, "cuda")
     bw = measure_copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s; PDL {'on' if args.pdl else 'off'}")
@@ -310,8 +361,11 @@ def main() -> None:
         cublas = time_us(F.linear, weights, x)
         default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
         grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
-        if args.swap or args.group or args.overlap:  # only the swapped, grouped or overlap tiles: checked, then timed
-            grid = list(SWAP_GRID if args.swap else GROUP_GRID if args.group else OVERLAP_GRID)
+        if args.swap or args.group or args.overlap or args.persistent:  # only these tiles: checked, then timed
+            grid = list(SWAP_GRID if args.swap else GROUP_GRID if args.group else OVERLAP_GRID if args.overlap
+                        else PERSISTENT_GRID)
+            if args.persistent:
+                grid.append(pick_config(m, n, k))
             if args.overlap:  # the picked tile (with its own trigger) and its late-trigger variants as controls
                 base = pick_config(m, n, k)
                 grid += [base] + [dataclasses.replace(base, late_trigger=True, trigger_left=t, prefetch_k=pf)
@@ -329,7 +383,7 @@ def main() -> None:
             grid = [dataclasses.replace(c, late_trigger=late) for c in grid for late in (False, True)]
         grid = list(dict.fromkeys(grid))
         tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
-        if args.overlap:  # a second pass in reverse order, averaged: drift over the sweep cancels
+        if args.overlap or args.persistent:  # a second pass in reverse order, averaged: drift over the sweep cancels
             for c in grid[::-1]:
                 tried[c] = (tried[c] + time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x)) / 2
             for c, us in sorted(tried.items(), key=lambda kv: kv[1]):

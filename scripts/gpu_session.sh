@@ -215,6 +215,10 @@ for stage in "$@"; do
     gemv-overlap) # the next GEMM's weight stream under this one's drain: 2-stage grouped tiles, trigger before the end
       run gemv-overlap python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj}" --m "${OVERLAP_M:-64,32,16}" \
         --pdl --overlap --output "$LOGS/gemv-overlap.json" ;;
+    gemv-persistent) # persistent tiles (one or two programs per SM looping over row tiles) against the picked tile
+      run gemv-persistent python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj}" \
+        --m "${PERSISTENT_M:-64,32,16,1}" --pdl --persistent --output "$LOGS/gemv-persistent.json" ;;
+    copy-fit) run copy-fit python3 scripts/bench_gemv.py --copy-fit --output "$LOGS/copy-fit.json" ;;
     gemv-fit) # the per-launch constant and the streaming rate of the picked tiles, per M (K = 512 ... 8192)
       run gemv-fit python3 scripts/bench_gemv.py --fit-k --pdl --m "${FIT_M:-1,16,32,64}" --output "$LOGS/gemv-fit.json" ;;
     engine-pdl) run engine-pdl python3 -m pytest -q -m gpu -s -p no:cacheprovider --timeout=600 tests/test_engine_gpu.py \

@@ -83,6 +83,24 @@ def test_grouped_row_tiles_match_linear(kernel_device, group, swap, M, N, K):
     torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("M,N,K", [(64, 3 * 32 * 2 + 37, 300), (5, 130, 256), (1, 97, 200), (17, 32, 128)])
+def test_persistent_tiles_match_linear(kernel_device, swap, M, N, K):
+    """A persistent launch: each program loops over several row tiles (off CUDA: 3 programs), the last one
+    partly past N; K not always a multiple of the K step; a single tile."""
+    x = _rand(M, K, dtype=torch.float32, device=kernel_device)
+    w = _rand(N, K, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=32, block_k=64, num_stages=3, swap=swap, persistent=1)
+    torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_persistent_tile_takes_plain_tiles_only():
+    for bad in (dict(persistent=-1), dict(persistent=1, split_k=2), dict(persistent=1, group=2),
+                dict(persistent=1, prefetch_k=256)):
+        with pytest.raises(ValueError, match="persistent=.* must be >= 0 and takes plain tiles only"):
+            GemvConfig(**bad)
+
+
 def test_grouped_tile_refuses_split_k_and_bad_group_sizes():
     for bad in (0, 5):
         with pytest.raises(ValueError, match=f"group={bad} must be"):
@@ -306,6 +324,21 @@ def test_real_shapes_bf16_on_gpu(M, N, K):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 33, 64])
+@pytest.mark.parametrize("cfg", [GemvConfig(32, 128, 4, 5, persistent=1), GemvConfig(64, 128, 4, 3, persistent=2),
+                                 GemvConfig(64, 128, 4, 4, persistent=1, swap=True)])
+def test_persistent_real_shapes_bf16_on_gpu(M, cfg):
+    """Persistent launches on the 35B-A3B in_proj shape and a ragged one: against the fp32 reference, and bit for
+    bit against the same tile launched one program per row tile (the same sums in the same order)."""
+    for N, K in ((12352, 2048), (4133, 1000)):
+        x = _rand(M, K, dtype=torch.bfloat16, device="cuda")
+        w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=1) * 0.02
+        got, want = skinny_linear(x, w, cfg), skinny_linear_ref(x.float(), w.float())
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+        torch.testing.assert_close(got, skinny_linear(x, w, dataclasses.replace(cfg, persistent=0)), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_fused_gemv_inproj_equals_fused():
     """`inproj=auto`'s fused_gemv choice computes the same split as the cuBLAS fused GEMM."""
     from deltaserve.layers.inproj import FUSED_GEMV, project
@@ -375,12 +408,13 @@ def test_trigger_left_changes_nothing_off_pdl(kernel_device, left):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("late,prefetch,left,group", [(True, 0, 0, 1), (False, 128, 0, 1), (True, 256, 0, 1),
-                                                     (True, 4096, 0, 1), (True, 256, 2, 1), (True, 256, 2, 3),
-                                                     (True, 0, 1, 3)])
-def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chain(late, prefetch, left, group):
+@pytest.mark.parametrize("late,prefetch,left,group,persistent", [
+    (True, 0, 0, 1, 0), (False, 128, 0, 1, 0), (True, 256, 0, 1, 0), (True, 4096, 0, 1, 0), (True, 256, 2, 1, 0),
+    (True, 256, 2, 3, 0), (True, 0, 1, 3, 0), (False, 0, 0, 1, 1), (True, 0, 0, 1, 2)])
+def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chain(late, prefetch, left, group,
+                                                                                  persistent):
     """Under PDL, a late trigger (after the K loop or ``left`` steps before its end), L2 prefetches before the
-    wait and 2-stage grouped tiles change only timing: a graph of GEMMs where each one's input is the previous
+    wait, 2-stage grouped tiles and persistent launches change only timing: a graph of GEMMs where each one's input is the previous
     one's output (plain, split-K and a wide grid) gives the same bits as the engine's default launch, replay
     after replay."""
     from deltaserve.ops import pdl
@@ -395,9 +429,13 @@ def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chai
         h = x
         for w in ws:
             base = pick_config(h.shape[0], w.shape[0], w.shape[1])
-            cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=prefetch, trigger_left=left,
-                                      **({"group": group, "num_stages": 2} if group > 1 and base.split_k == 1
-                                         else {})) if variant else base
+            plain = base.split_k == 1
+            if persistent and plain:  # the same tile looping over row tiles: the same sums in the same order
+                cfg = dataclasses.replace(base, late_trigger=late, persistent=persistent)
+            else:
+                cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=prefetch, trigger_left=left,
+                                          **({"group": group, "num_stages": 2} if group > 1 and plain else {}))
+            cfg = cfg if variant else base
             h = skinny_linear(h, w, cfg)[:, :2048]
         return h
 

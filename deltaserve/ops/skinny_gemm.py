@@ -62,6 +62,10 @@ class GemvConfig:
     # still streams its last steps: a 2-stage program leaves room on its SM for one of the next kernel's, which
     # then fills its pipeline under this one's drain.
     trigger_left: int = 0
+    # persistent > 0: that many programs per SM, each looping over row tiles (pid, pid + programs, ...) in one
+    # flattened, software-pipelined loop, so that a program's next tile starts streaming while it stores the last
+    # one, and no SM waits on a second wave. Plain tiles only (no split_k, group or prefetch).
+    persistent: int = 0
 
     def __post_init__(self):
         if not 1 <= self.group <= 4:
@@ -71,6 +75,9 @@ class GemvConfig:
                              "weights, which have row tiles to spare")
         if self.prefetch_k and (self.prefetch_k & (self.prefetch_k - 1) or self.prefetch_k < 64):
             raise ValueError(f"prefetch_k={self.prefetch_k} must be 0 or a power of two >= 64 (columns)")
+        if self.persistent and (self.persistent < 0 or self.split_k > 1 or self.group > 1 or self.prefetch_k):
+            raise ValueError(f"persistent={self.persistent} must be >= 0 and takes plain tiles only (got "
+                             f"split_k={self.split_k}, group={self.group}, prefetch_k={self.prefetch_k})")
         if self.trigger_left < 0 or (self.trigger_left and self.late_trigger is False):
             raise ValueError(f"trigger_left={self.trigger_left} must be >= 0, and 0 unless the trigger is late "
                              f"(late_trigger={self.late_trigger})")
@@ -226,6 +233,43 @@ def _skinny_gemm_kernel(
             tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch (and the next graph replay)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _skinny_gemm_persistent_kernel(
+    x_ptr, w_ptr, y_ptr, M, N, K, n_tiles, programs, stride_xm, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr, SWAP: tl.constexpr,
+):  # fmt: skip
+    # Program pid: row tiles pid, pid + programs, ... of y, each over all of K; the tile and K loops are one
+    # flattened loop, so the pipeline runs on from one tile's last K step into the next tile's first.
+    pid = tl.program_id(0)
+    pdl_wait(PDL)
+    if not LATE_TRIGGER:
+        pdl_trigger(PDL)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    for tile in tl.range(pid, n_tiles, programs, flatten=True):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
+        for k in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x_mask = m_ok[:, None]
+                w_mask = n_ok[:, None]
+            else:
+                k_ok = ((k + offs_k) < K)[None, :]
+                x_mask = m_ok[:, None] & k_ok
+                w_mask = n_ok[:, None] & k_ok
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k + offs_k)[None, :], mask=x_mask, other=0.0)
+            w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k + offs_k)[None, :], mask=w_mask,
+                        other=0.0)
+            acc = _mma(x, w, acc, SWAP, PRECISION)
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        _store_tile(y_ptrs, acc, m_ok[:, None] & n_ok[None, :], SWAP)
+    if LATE_TRIGGER:
+        pdl_trigger(PDL)
+
+
 SMEM_PER_SM = 228 * 1024  # Hopper (H100, H200): per SM, of which 1 KB per resident program is reserved
 
 
@@ -277,6 +321,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     cfg = config or dataclasses.replace(pick_config(M, N, K), prefetch_k=_prefetch_k)
     y = x.new_empty(M, N)
     block_m = max(16, triton.next_power_of_2(M))
+    if cfg.persistent:
+        return _launch_persistent(x, w, y, cfg, block_m)
     n_tiles, split_k, k_split = launch_grid(N, K, cfg)
     line = 128 // w.element_size()  # columns per 128-byte line: prefetch_k >= 64 covers whole lines of any dtype
     late = cfg.late_trigger
@@ -293,6 +339,33 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line, SWAP=cfg.swap,
         GROUP=cfg.group, TRIGGER_LEFT=cfg.trigger_left if late else 0, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch_args(),
+    )  # fmt: skip
+    return y
+
+
+def persistent_programs(n_tiles: int, cfg: GemvConfig, device: torch.device) -> int:
+    """Programs of a persistent launch: ``cfg.persistent`` per SM, at most one per row tile (off CUDA, where
+    there are no SMs: up to 3, so that the interpreter's programs loop over several tiles)."""
+    if device.type != "cuda":
+        return min(n_tiles, 3)
+    if device not in _sm_count:
+        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(n_tiles, _sm_count[device] * cfg.persistent)
+
+
+def _launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: GemvConfig, block_m: int):
+    (M, K), N = x.shape, w.shape[0]
+    n_tiles = triton.cdiv(N, cfg.block_n)
+    programs = persistent_programs(n_tiles, cfg, x.device)
+    late = cfg.late_trigger
+    if late is None:
+        late = pdl.late_trigger(programs, _capacity(cfg, block_m, x))
+    _skinny_gemm_persistent_kernel[(programs,)](
+        x, w, y, M, N, K, n_tiles, programs, x.stride(0), w.stride(0), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=launch_args()["PDL"], LATE_TRIGGER=bool(late),
+        SWAP=cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **{k: v for k, v in launch_args().items() if k != "PDL"},
     )  # fmt: skip
     return y
 

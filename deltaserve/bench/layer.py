@@ -27,6 +27,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                    help="programmatic dependent launch for our kernels, as the engine runs them (default: on where "
                         "the GPU has it, compute capability 9.0+)")
+    p.add_argument("--gemv-tiles", default=None, metavar="JSON",
+                   help="a scripts/bench_gemv.py --output file: also time the skinny GEMM with that sweep's best tile "
+                        "for each (N, K, M) it covers (column gemv*), beside pick_config's (column gemv)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
 
 
@@ -48,6 +51,36 @@ def build_layers(preset: str, n: int, dtype: torch.dtype) -> list:
     return layers
 
 
+def sweep_tiles(path: str) -> dict:
+    """``{(N, K, M): GemvConfig}``: the best tile of every row of a ``bench_gemv.py --output`` file."""
+    from deltaserve.errors import ConfigError
+    from deltaserve.ops.skinny_gemm import GemvConfig
+
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        return {(r["N"], r["K"], r["M"]): GemvConfig(**r["best_config"]) for r in rows if "best_config" in r}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--gemv-tiles {path}: not a bench_gemv.py --output file with best tiles ({e})") from e
+
+
+def time_with_tiles(layers: list, m: int, tiles: dict, replays: int) -> float | None:
+    """``fused_gemv`` with the sweep's tile for this shape and M in place of pick_config's (None: not covered)."""
+    from deltaserve.layers.inproj_tune import time_inproj
+    from deltaserve.ops import skinny_gemm
+
+    n, k = layers[0].in_proj.weight.shape
+    tile = tiles.get((n, k, m))
+    if tile is None:
+        return None
+    picked = skinny_gemm.pick_config
+    skinny_gemm.pick_config = lambda M, N, K: tile if (N, K, M) == (n, k, m) else picked(M, N, K)
+    try:
+        return time_inproj(layers, m, "fused_gemv", replays)
+    finally:
+        skinny_gemm.pick_config = picked
+
+
 def main(args: argparse.Namespace) -> int:
     from deltaserve.errors import ConfigError
     from deltaserve.layers.inproj_tune import CONCRETE, GEMV_MAX_TOKENS, time_inproj
@@ -59,6 +92,7 @@ def main(args: argparse.Namespace) -> int:
     if args.pdl and why:
         raise ConfigError(f"--pdl: {why}")
     pdl.enable(why is None if args.pdl is None else args.pdl, "cuda")
+    tiles = sweep_tiles(args.gemv_tiles) if args.gemv_tiles else {}
     dtype = getattr(torch, args.dtype)
     layers = build_layers(args.preset, args.layers, dtype)
     bw = measure_copy_bandwidth("cuda")
@@ -68,18 +102,23 @@ def main(args: argparse.Namespace) -> int:
         floor_bytes = w.numel() * w.element_size() + m * (w.shape[1] + w.shape[0]) * w.element_size()
         floor_us = floor_bytes / bw * 1e6
         t = {s: time_inproj(layers, m, s, args.replays) for s in CONCRETE if s != "fused_gemv" or m <= GEMV_MAX_TOKENS}
+        if tiles and m <= GEMV_MAX_TOKENS and (tiled := time_with_tiles(layers, m, tiles, args.replays)) is not None:
+            t["fused_gemv_tiles"] = tiled
         rows.append({"m": m, **t, "floor_us": floor_us, "bytes": floor_bytes})
     env = environment()
     print(format_environment(env))
     print(f"preset {args.preset}: in_proj {tuple(w.shape)} {args.dtype}, {args.layers} distinct layers per graph; "
           f"copy bandwidth {bw / 1e9:.0f} GB/s; PDL {'on' if pdl.enabled() else 'off'}")
-    print(f"{'M':>6} {'serial':>8} {'dual':>8} {'fused':>8} {'gemv':>8} {'floor':>7}  best-fused/floor  fused/serial")
+    print(f"{'M':>6} {'serial':>8} {'dual':>8} {'fused':>8} {'gemv':>8}{'   gemv*' if tiles else ''} {'floor':>7}  "
+          f"best-fused/floor  fused/serial{'  gemv*/floor' if tiles else ''}")
     for r in rows:
-        gemv = r.get("fused_gemv")
+        gemv, tiled = r.get("fused_gemv"), r.get("fused_gemv_tiles")
         best = min(r["fused"], gemv or r["fused"])
-        print(f"{r['m']:>6} {r['serial']:>8.2f} {r['dual']:>8.2f} {r['fused']:>8.2f} "
-              f"{f'{gemv:8.2f}' if gemv else '       -'} {r['floor_us']:>7.2f}  "
-              f"{best / r['floor_us']:>16.2f}  {r['fused'] / r['serial']:>12.3f}")
+        gemv_s = f"{gemv:8.2f}" if gemv else "       -"
+        tiled_s = (f"{tiled:8.2f}" if tiled else "       -") if tiles else ""
+        tiled_ratio = f"{tiled / r['floor_us']:>13.2f}" if tiled else ""
+        print(f"{r['m']:>6} {r['serial']:>8.2f} {r['dual']:>8.2f} {r['fused']:>8.2f} {gemv_s}{tiled_s} "
+              f"{r['floor_us']:>7.2f}  {best / r['floor_us']:>16.2f}  {r['fused'] / r['serial']:>12.3f}{tiled_ratio}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"environment": env, "preset": args.preset, "copy_bandwidth": bw, "pdl": pdl.enabled(),

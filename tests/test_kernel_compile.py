@@ -183,3 +183,54 @@ def test_preload_variants_read_only_before_the_pdl_wait():
             assert before and all(o.startswith("ld.global") for o in before), (name, before)
         else:
             assert before == [], (name, before)
+
+
+PERSISTENT_SCRIPT = textwrap.dedent(
+    """
+    import json, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from deltaserve.ops.skinny_gemm import _skinny_gemm_persistent_kernel
+
+    SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "n_tiles": "i32",
+           "programs": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+    out = []
+    for bm, bn, stages, swap, late in json.loads(sys.argv[1]):
+        consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "EVEN_K": True, "PRECISION": "tf32", "PDL": True,
+                  "LATE_TRIGGER": late, "SWAP": swap}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n != "M"}
+        src = ASTSource(fn=_skinny_gemm_persistent_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
+                        constexprs=consts, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
+        ops = re.findall(r"^\\s*(?:@!?%p\\d+\\s+)?([a-z][\\w.]*)", k.asm["ptx"], re.M)
+        keep = ("ld.global", "st.global", "cp.async", "griddepcontrol", "mma.", "wgmma.mma_async")
+        out.append([o for o in ops if o.startswith(keep)])
+    print(json.dumps(out))
+    """
+)
+
+
+def test_persistent_skinny_gemm_pipelines_across_tiles_on_sm90():
+    """The persistent launch (a program loops over row tiles in one flattened loop), compiled for sm_90: nothing
+    touches global memory before the PDL wait, the trigger comes once (after the wait, or after every load with
+    the late trigger), and the loop is pipelined across tiles: the loads of later K steps (the next tile's
+    first ones, at a tile's end) are issued before a tile's store."""
+    variants = [(64, 32, 4, False, False), (64, 64, 3, False, True), (16, 32, 5, False, True), (32, 64, 4, True, False)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", PERSISTENT_SCRIPT, json.dumps(variants)], capture_output=True,
+                       text=True, env=env, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for (bm, bn, _stages, swap, late), ops in zip(variants, json.loads(r.stdout.strip().splitlines()[-1])):
+        wait = ops.index("griddepcontrol.wait")
+        assert ops[:wait] == [], ops[:wait]
+        assert ops.count("griddepcontrol.launch_dependents") == 1
+        trigger = ops.index("griddepcontrol.launch_dependents")
+        if late:
+            assert not any(o.startswith(("ld.global", "cp.async")) for o in ops[trigger:])
+        else:
+            assert trigger == wait + 1
+        first_mma = next(i for i, o in enumerate(ops) if o.startswith(("mma.", "wgmma.mma_async")))
+        first_store = next(i for i, o in enumerate(ops) if o.startswith("st.global"))
+        assert "cp.async.commit_group" in ops[first_mma:first_store], (bm, bn, swap, ops[first_mma:first_store])

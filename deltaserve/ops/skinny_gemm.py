@@ -59,12 +59,14 @@ class GemvConfig:
     group: int = 1
     # With the late trigger: fire it this many K steps before the end of the K loop instead of after it, so
     # that the next kernel launches (and, with prefetch_k, starts its weight stream into L2) while this one
-    # still streams its last steps: a 2-stage program leaves room on its SM for one of the next kernel's, which
-    # then fills its pipeline under this one's drain.
+    # still streams its last steps. Measured (H200, docs/perf/2026-12-07b.md): 0.2-0.6 us slower on the picked
+    # 35B-A3B in_proj tiles at 16-64 tokens, and the 2-stage grouped tiles that leave room on an SM for the next
+    # kernel's program stream at half speed; the sweep's (bench_gemv.py --overlap), not pick_config's.
     trigger_left: int = 0
     # persistent > 0: that many programs per SM, each looping over row tiles (pid, pid + programs, ...) in one
     # flattened, software-pipelined loop, so that a program's next tile starts streaming while it stores the last
-    # one, and no SM waits on a second wave. Plain tiles only (no split_k, group or prefetch).
+    # one, and no SM waits on a second wave. Plain tiles only (no split_k, group or prefetch). Not yet timed on a
+    # GPU: the sweep's (bench_gemv.py --persistent), not pick_config's.
     persistent: int = 0
 
     def __post_init__(self):

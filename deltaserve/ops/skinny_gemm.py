@@ -290,13 +290,17 @@ def resident_per_sm(cfg: GemvConfig, block_m: int, elt: int) -> int:
 _sm_count: dict[torch.device, int] = {}
 
 
+def _sms(device: torch.device) -> int:
+    if device not in _sm_count:
+        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count[device]
+
+
 def _capacity(cfg: GemvConfig, block_m: int, x: torch.Tensor) -> int | None:
     """Programs of this tile the whole GPU holds at once (None off CUDA)."""
     if x.device.type != "cuda":
         return None
-    if x.device not in _sm_count:
-        _sm_count[x.device] = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return _sm_count[x.device] * resident_per_sm(cfg, block_m, x.element_size())
+    return _sms(x.device) * resident_per_sm(cfg, block_m, x.element_size())
 
 
 def launch_grid(N: int, K: int, cfg: GemvConfig) -> tuple[int, int, int]:
@@ -348,14 +352,11 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
 def persistent_programs(n_tiles: int, cfg: GemvConfig, device: torch.device) -> int:
     """Programs of a persistent launch: ``cfg.persistent`` per SM, at most one per row tile (off CUDA, where
     there are no SMs: up to 3, so that the interpreter's programs loop over several tiles)."""
-    if device.type != "cuda":
-        return min(n_tiles, 3)
-    if device not in _sm_count:
-        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(n_tiles, _sm_count[device] * cfg.persistent)
+    return min(n_tiles, _sms(device) * cfg.persistent if device.type == "cuda" else 3)
 
 
 def _launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: GemvConfig, block_m: int):
+    """:func:`skinny_linear` for a ``persistent`` tile: ``cfg.persistent`` programs per SM over all row tiles."""
     (M, K), N = x.shape, w.shape[0]
     n_tiles = triton.cdiv(N, cfg.block_n)
     programs = persistent_programs(n_tiles, cfg, x.device)
@@ -365,9 +366,8 @@ def _launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: G
     _skinny_gemm_persistent_kernel[(programs,)](
         x, w, y, M, N, K, n_tiles, programs, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=launch_args()["PDL"], LATE_TRIGGER=bool(late),
-        SWAP=cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **{k: v for k, v in launch_args().items() if k != "PDL"},
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late), SWAP=cfg.swap,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
 

@@ -100,8 +100,9 @@ PERSISTENT_GRID = [GemvConfig(bn, bk, w, s, persistent=p, swap=sw) for bn, bk, w
     (64, 128, 4, 3, 1, False), (64, 128, 4, 4, 1, False), (64, 128, 4, 3, 2, False), (64, 128, 8, 4, 1, False),
     (16, 128, 4, 6, 1, False), (64, 128, 4, 3, 1, True), (64, 128, 4, 4, 1, True), (64, 64, 4, 6, 1, True),
     (128, 64, 8, 4, 1, True)]]
-PERSISTENT_GRID += [dataclasses.replace(c, late_trigger=late) for c in PERSISTENT_GRID[:4] + PERSISTENT_GRID[7:9]
-                    for late in (False, True)]
+# ... and the plain 128-column, 4-warp tiles above, also with each PDL trigger forced
+PERSISTENT_GRID += [GemvConfig(bn, 128, 4, s, persistent=p, late_trigger=late) for bn, s, p in
+                    [(32, 4, 1), (32, 5, 1), (32, 6, 1), (32, 4, 2), (64, 3, 1), (64, 4, 1)] for late in (False, True)]
 
 
 def time_us(fn, weights, x, replays: int = 24) -> float:

@@ -104,6 +104,15 @@ PERSISTENT_GRID = [GemvConfig(bn, bk, w, s, persistent=p, swap=sw) for bn, bk, w
 PERSISTENT_GRID += [GemvConfig(bn, 128, 4, s, persistent=p, late_trigger=late) for bn, s, p in
                     [(32, 4, 1), (32, 5, 1), (32, 6, 1), (32, 4, 2), (64, 3, 1), (64, 4, 1)] for late in (False, True)]
 
+# --tma: the operands fetched by Hopper's TMA (bulk tensor copies, zero-filled past the edges) instead of cp.async:
+# the picked tiles and their neighbours in depth, K step and warps, plain and swapped.
+TMA_GRID = [GemvConfig(bn, bk, w, s, swap=sw, tma=True) for bn, bk, w, s, sw in [
+    (32, 128, 4, 3, False), (32, 128, 4, 4, False), (32, 128, 4, 5, False), (32, 64, 4, 4, False),
+    (32, 64, 4, 6, False), (64, 128, 4, 3, False), (64, 128, 4, 4, False), (64, 64, 4, 4, False),
+    (64, 64, 4, 6, False), (64, 128, 8, 4, False), (128, 64, 8, 3, False), (128, 64, 8, 4, False),
+    (64, 128, 4, 3, True), (64, 128, 4, 4, True), (64, 64, 4, 6, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True),
+    (128, 128, 8, 3, True)]]
+
 
 def time_us(fn, weights, x, replays: int = 24) -> float:
     """Median µs per weight; inf for a config this card cannot run (too much shared memory)."""
@@ -331,6 +340,8 @@ def main() -> None:
                    "the picked tile, each timed twice (forwards, then backwards) and listed")
     p.add_argument("--persistent", action="store_true", help="only the persistent tiles (one or two programs per "
                    "SM looping over row tiles) and the picked tile, each timed twice (forwards, then backwards)")
+    p.add_argument("--tma", action="store_true", help="only the TMA tiles (bulk tensor copies instead of cp.async) "
+                   "and the picked tile with and without TMA, each timed twice (forwards, then backwards)")
     p.add_argument("--copy-fit", action="store_true", help="only: the per-launch constant and the rate of a plain "
                    "copy in the same harness (24 copies of 6.25 ... 100 MB in one CUDA graph)")
     p.add_argument("--late", action="store_true", help="with --pdl: try every tile with the early and the late "
@@ -362,11 +373,13 @@ def main() -> None:
         cublas = time_us(F.linear, weights, x)
         default = time_us(lambda a, w: skinny_linear(a, w), weights, x)  # pick_config
         grid = GRID + (SPLIT_GRID if args.split or n <= 4096 or k >= 8192 else []) + (WIDE_GRID if args.wide else [])
-        if args.swap or args.group or args.overlap or args.persistent:  # only these tiles: checked, then timed
+        if args.swap or args.group or args.overlap or args.persistent or args.tma:  # only these: checked, then timed
             grid = list(SWAP_GRID if args.swap else GROUP_GRID if args.group else OVERLAP_GRID if args.overlap
-                        else PERSISTENT_GRID)
-            if args.persistent:
+                        else PERSISTENT_GRID if args.persistent else TMA_GRID)
+            if args.persistent or args.tma:
                 grid.append(pick_config(m, n, k))
+            if args.tma:
+                grid.append(dataclasses.replace(pick_config(m, n, k), tma=True))
             if args.overlap:  # the picked tile (with its own trigger) and its late-trigger variants as controls
                 base = pick_config(m, n, k)
                 grid += [base] + [dataclasses.replace(base, late_trigger=True, trigger_left=t, prefetch_k=pf)
@@ -384,7 +397,7 @@ def main() -> None:
             grid = [dataclasses.replace(c, late_trigger=late) for c in grid for late in (False, True)]
         grid = list(dict.fromkeys(grid))
         tried = {c: time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x) for c in grid}
-        if args.overlap or args.persistent:  # a second pass in reverse order, averaged: drift over the sweep cancels
+        if args.overlap or args.persistent or args.tma:  # a second pass in reverse order, averaged: drift over the sweep cancels
             for c in grid[::-1]:
                 tried[c] = (tried[c] + time_us(lambda a, w, c=c: skinny_linear(a, w, c), weights, x)) / 2
             for c, us in sorted(tried.items(), key=lambda kv: kv[1]):

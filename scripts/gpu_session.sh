@@ -218,11 +218,18 @@ for stage in "$@"; do
     gemv-persistent) # persistent tiles (one or two programs per SM looping over row tiles) against the picked tile
       run gemv-persistent python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj}" \
         --m "${PERSISTENT_M:-64,32,16,1}" --pdl --persistent --output "$LOGS/gemv-persistent.json" ;;
-    layer35-tiles) # bench layer on the 35B-A3B shape with gemv-persistent's best tiles beside pick_config's (column gemv*)
+    gemv-tma) # TMA tiles (bulk tensor copies instead of cp.async) against the picked tile, with and without TMA
+      run gemv-tma python3 scripts/bench_gemv.py --shapes "${GEMV_SHAPES:-35B-A3B GDN in_proj,122B}" \
+        --m "${TMA_M:-64,32,16,1}" --pdl --tma --output "$LOGS/gemv-tma.json" ;;
+    layer35-tiles) # bench layer on the 35B-A3B shape with a sweep's best tiles (TILES, default gemv-persistent's)
+                   # beside pick_config's (column gemv*)
       run layer35-tiles python3 -m deltaserve.cli bench layer --preset qwen3.5-35b-a3b --layers 36 \
-        --m "${PERSISTENT_M:-64,32,16,1}" --pdl --gemv-tiles "$LOGS/gemv-persistent.json" --output "$LOGS/layer35-tiles.json" ;;
+        --m "${PERSISTENT_M:-64,32,16,1}" --pdl --gemv-tiles "$LOGS/${TILES:-gemv-persistent}.json" \
+        --output "$LOGS/layer35-tiles.json" ;;
     persistent-tests) run persistent-tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=300 \
                         tests/test_skinny_gemm.py -k "persistent or dependent_chain" ;;
+    tma-tests) run tma-tests python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=300 \
+                 tests/test_skinny_gemm.py -k "tma or dependent_chain" ;;
     copy-fit) run copy-fit python3 scripts/bench_gemv.py --copy-fit --output "$LOGS/copy-fit.json" ;;
     gemv-fit) # the per-launch constant and the streaming rate of the picked tiles, per M (K = 512 ... 8192)
       run gemv-fit python3 scripts/bench_gemv.py --fit-k --pdl --m "${FIT_M:-1,16,32,64}" --output "$LOGS/gemv-fit.json" ;;

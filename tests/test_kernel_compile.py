@@ -185,22 +185,20 @@ def test_preload_variants_read_only_before_the_pdl_wait():
             assert before == [], (name, before)
 
 
-PERSISTENT_SCRIPT = textwrap.dedent(
+SKINNY_SCRIPT = textwrap.dedent(
     """
     import json, re, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from deltaserve.ops.skinny_gemm import _skinny_gemm_persistent_kernel
+    from deltaserve.ops import skinny_gemm
 
-    SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "n_tiles": "i32",
-           "programs": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
     out = []
-    for bm, bn, stages, swap, late in json.loads(sys.argv[1]):
-        consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "EVEN_K": True, "PRECISION": "tf32", "PDL": True,
-                  "LATE_TRIGGER": late, "SWAP": swap}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(SIG) if n != "M"}
-        src = ASTSource(fn=_skinny_gemm_persistent_kernel, signature={**SIG, **{c: "constexpr" for c in consts}},
+    for kernel, sig, consts, stages in json.loads(sys.argv[1]):
+        # pointers, sizes and strides 16-divisible (as Triton specialises them at a real launch), M left free
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+                 if n != "M" and not t.startswith("tensordesc")}
+        src = ASTSource(fn=getattr(skinny_gemm, kernel), signature={**sig, **{c: "constexpr" for c in consts}},
                         constexprs=consts, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
         ops = re.findall(r"^\\s*(?:@!?%p\\d+\\s+)?([a-z][\\w.]*)", k.asm["ptx"], re.M)
@@ -211,18 +209,28 @@ PERSISTENT_SCRIPT = textwrap.dedent(
 )
 
 
+def _skinny_ops(variants: list[tuple[str, dict, dict, int]]) -> list[list[str]]:
+    """PTX opcodes (global memory, PDL, MMA) of skinny GEMM kernels compiled for sm_90:
+    ``(kernel name, signature, constexprs, num_stages)`` each."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", SKINNY_SCRIPT, json.dumps(variants)], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def test_persistent_skinny_gemm_pipelines_across_tiles_on_sm90():
     """The persistent launch (a program loops over row tiles in one flattened loop), compiled for sm_90: nothing
     touches global memory before the PDL wait, the trigger comes once (after the wait, or after every load with
     the late trigger), and the loop is pipelined across tiles: the loads of later K steps (the next tile's
     first ones, at a tile's end) are issued before a tile's store."""
     variants = [(64, 32, 4, False, False), (64, 64, 3, False, True), (16, 32, 5, False, True), (32, 64, 4, True, False)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", PERSISTENT_SCRIPT, json.dumps(variants)], capture_output=True,
-                       text=True, env=env, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert r.returncode == 0, r.stderr[-3000:]
-    for (bm, bn, _stages, swap, late), ops in zip(variants, json.loads(r.stdout.strip().splitlines()[-1])):
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "n_tiles": "i32",
+           "programs": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+    compiled = _skinny_ops([("_skinny_gemm_persistent_kernel", sig, {
+        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "EVEN_K": True, "PRECISION": "tf32", "PDL": True,
+        "LATE_TRIGGER": late, "SWAP": swap}, stages) for bm, bn, stages, swap, late in variants])
+    for (bm, bn, _stages, swap, late), ops in zip(variants, compiled):
         wait = ops.index("griddepcontrol.wait")
         assert ops[:wait] == [], ops[:wait]
         assert ops.count("griddepcontrol.launch_dependents") == 1
@@ -234,3 +242,30 @@ def test_persistent_skinny_gemm_pipelines_across_tiles_on_sm90():
         first_mma = next(i for i, o in enumerate(ops) if o.startswith(("mma.", "wgmma.mma_async")))
         first_store = next(i for i, o in enumerate(ops) if o.startswith("st.global"))
         assert "cp.async.commit_group" in ops[first_mma:first_store], (bm, bn, swap, ops[first_mma:first_store])
+
+
+def test_tma_skinny_gemm_loads_by_bulk_tensor_copies_after_the_pdl_wait_on_sm90():
+    """The TMA tile compiled for sm_90: every operand load is a bulk tensor copy (no per-thread global loads),
+    issued only after the PDL wait, several K steps ahead of the first MMA (pipelined); the trigger once, after
+    the wait or after the last load (late)."""
+    variants = [(16, 32, 3, False, False), (64, 64, 3, False, True), (32, 64, 4, True, False), (64, 128, 4, True, True)]
+    compiled = _skinny_ops([("_skinny_gemm_tma_kernel", {
+        "x_desc": f"tensordesc<bf16[{bm}, 128]>", "w_desc": f"tensordesc<bf16[{bn}, 128]>", "y_ptr": "*bf16",
+        "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32"}, {
+        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "PRECISION": "tf32", "PDL": True, "LATE_TRIGGER": late,
+        "SWAP": swap}, stages) for bm, bn, stages, swap, late in variants])
+    for (bm, bn, stages, swap, late), ops in zip(variants, compiled):
+        wait = ops.index("griddepcontrol.wait")
+        assert ops[:wait] == [], ops[:wait]
+        assert not any(o.startswith("ld.global") for o in ops)
+        copies = [i for i, o in enumerate(ops) if o.startswith("cp.async.bulk.tensor")]
+        first_mma = next(i for i, o in enumerate(ops) if o.startswith(("mma.", "wgmma.mma_async")))
+        # the prologue: one copy of x and one of w for each of the first stages - 1 K steps
+        assert sum(i < first_mma for i in copies) >= 2 * (stages - 1), (bm, bn, swap, ops[:first_mma])
+        assert ops.count("griddepcontrol.launch_dependents") == 1
+        trigger = ops.index("griddepcontrol.launch_dependents")
+        if late:
+            assert trigger > copies[-1]
+        else:
+            assert trigger == wait + 1
+        assert any(o.startswith("st.global") for o in ops[trigger:])

@@ -101,6 +101,48 @@ def test_persistent_tile_takes_plain_tiles_only():
             GemvConfig(**bad)
 
 
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("M,N,K", [(64, 130, 300), (5, 37, 256), (1, 97, 200), (17, 32, 128), (33, 64, 64)])
+def test_tma_tiles_match_linear(kernel_device, swap, M, N, K):
+    """TMA loads: rows past M and N and columns past K come back zero from the copy engine (no masks)."""
+    x = _rand(M, K, dtype=torch.float32, device=kernel_device)
+    w = _rand(N, K, dtype=torch.float32, device=kernel_device, seed=1)
+    cfg = GemvConfig(block_n=64 if swap else 32, block_k=64, num_stages=3, swap=swap, tma=True)
+    torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_tma_tile_falls_back_to_pointers_where_tma_cannot_fetch(kernel_device, monkeypatch):
+    """A row stride or base address off 16 bytes (fp32 K = 301; a view one element in) takes the pointer
+    kernel, with the same result; aligned operands take the TMA kernel."""
+    from deltaserve.ops import skinny_gemm
+
+    launched = []
+    real = skinny_gemm._launch_tma
+    monkeypatch.setattr(skinny_gemm, "_launch_tma", lambda *a: launched.append(1) or real(*a))
+    cfg = GemvConfig(block_n=32, block_k=64, num_stages=3, tma=True)
+    w = _rand(40, 301, dtype=torch.float32, device=kernel_device, seed=1)
+    x = _rand(3, 301, dtype=torch.float32, device=kernel_device)
+    assert not skinny_gemm.tma_aligned(x, w)
+    torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+    base = _rand(3, 257, dtype=torch.float32, device=kernel_device)
+    x_off = base[:, 1:]  # 256 columns, a 1028-byte row stride and a base 4 bytes in
+    w_ok = _rand(40, 256, dtype=torch.float32, device=kernel_device, seed=2)
+    assert not skinny_gemm.tma_aligned(x_off, w_ok)
+    torch.testing.assert_close(skinny_linear(x_off, w_ok, cfg), skinny_linear_ref(x_off, w_ok), rtol=1e-5, atol=1e-4)
+    assert launched == []
+    x_ok = _rand(3, 256, dtype=torch.float32, device=kernel_device)
+    torch.testing.assert_close(skinny_linear(x_ok, w_ok, cfg), skinny_linear_ref(x_ok, w_ok), rtol=1e-5, atol=1e-4)
+    assert launched == [1]
+
+
+def test_tma_tile_takes_plain_or_swapped_tiles_only():
+    for bad in (dict(split_k=2), dict(group=2), dict(prefetch_k=256), dict(persistent=1),
+                dict(late_trigger=True, trigger_left=1)):
+        with pytest.raises(ValueError, match="tma=True takes plain or swapped tiles only"):
+            GemvConfig(tma=True, **bad)
+    GemvConfig(tma=True, swap=True)  # fine
+
+
 def test_grouped_tile_refuses_split_k_and_bad_group_sizes():
     for bad in (0, 5):
         with pytest.raises(ValueError, match=f"group={bad} must be"):
@@ -339,6 +381,21 @@ def test_persistent_real_shapes_bf16_on_gpu(M, cfg):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 33, 64])
+@pytest.mark.parametrize("cfg", [GemvConfig(32, 128, 4, 3, tma=True), GemvConfig(64, 128, 4, 3, tma=True),
+                                 GemvConfig(64, 128, 4, 3, swap=True, tma=True), GemvConfig(128, 64, 8, 4, tma=True)])
+def test_tma_real_shapes_bf16_on_gpu(M, cfg):
+    """TMA launches on the 35B-A3B in_proj shape and a ragged one (N, K and M off every tile edge): against the
+    fp32 reference, and bit for bit against the same tile's pointer kernel (the same sums in the same order)."""
+    for N, K in ((12352, 2048), (4133, 1000)):
+        x = _rand(M, K, dtype=torch.bfloat16, device="cuda")
+        w = _rand(N, K, dtype=torch.bfloat16, device="cuda", seed=1) * 0.02
+        got, want = skinny_linear(x, w, cfg), skinny_linear_ref(x.float(), w.float())
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+        torch.testing.assert_close(got, skinny_linear(x, w, dataclasses.replace(cfg, tma=False)), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_fused_gemv_inproj_equals_fused():
     """`inproj=auto`'s fused_gemv choice computes the same split as the cuBLAS fused GEMM."""
     from deltaserve.layers.inproj import FUSED_GEMV, project
@@ -408,15 +465,16 @@ def test_trigger_left_changes_nothing_off_pdl(kernel_device, left):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("late,prefetch,left,group,persistent", [
-    (True, 0, 0, 1, 0), (False, 128, 0, 1, 0), (True, 256, 0, 1, 0), (True, 4096, 0, 1, 0), (True, 256, 2, 1, 0),
-    (True, 256, 2, 3, 0), (True, 0, 1, 3, 0), (False, 0, 0, 1, 1), (True, 0, 0, 1, 2)])
+@pytest.mark.parametrize("late,prefetch,left,group,persistent,tma", [
+    (True, 0, 0, 1, 0, False), (False, 128, 0, 1, 0, False), (True, 256, 0, 1, 0, False),
+    (True, 4096, 0, 1, 0, False), (True, 256, 2, 1, 0, False), (True, 256, 2, 3, 0, False), (True, 0, 1, 3, 0, False),
+    (False, 0, 0, 1, 1, False), (True, 0, 0, 1, 2, False), (False, 0, 0, 1, 0, True), (True, 0, 0, 1, 0, True)])
 def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chain(late, prefetch, left, group,
-                                                                                  persistent):
+                                                                                  persistent, tma):
     """Under PDL, a late trigger (after the K loop or ``left`` steps before its end), L2 prefetches before the
-    wait, 2-stage grouped tiles and persistent launches change only timing: a graph of GEMMs where each one's input is the previous
-    one's output (plain, split-K and a wide grid) gives the same bits as the engine's default launch, replay
-    after replay."""
+    wait, 2-stage grouped tiles, persistent launches and TMA loads change only timing: a graph of GEMMs where
+    each one's input is the previous one's output (plain, split-K and a wide grid) gives the same bits as the
+    engine's default launch, replay after replay (TMA: its descriptors captured with the launches)."""
     from deltaserve.ops import pdl
 
     if pdl.unavailable("cuda"):
@@ -432,6 +490,8 @@ def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chai
             plain = base.split_k == 1
             if persistent and plain:  # the same tile looping over row tiles: the same sums in the same order
                 cfg = dataclasses.replace(base, late_trigger=late, persistent=persistent)
+            elif tma and plain:  # the same tile, its loads by TMA
+                cfg = dataclasses.replace(base, late_trigger=late, tma=True)
             else:
                 cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=prefetch, trigger_left=left,
                                           **({"group": group, "num_stages": 2} if group > 1 and plain else {}))

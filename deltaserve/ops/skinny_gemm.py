@@ -68,6 +68,11 @@ class GemvConfig:
     # one, and no SM waits on a second wave. Plain tiles only (no split_k, group or prefetch). Not yet timed on a
     # GPU: the sweep's (bench_gemv.py --persistent), not pick_config's.
     persistent: int = 0
+    # tma: the loads are Hopper's TMA (one bulk tensor copy per operand and K step, out-of-bounds rows and
+    # columns zero-filled by the copy engine) instead of per-thread cp.async with masks: fewer instructions
+    # per byte, no address arithmetic. Plain and swapped tiles only (no split_k, group, prefetch or
+    # persistent). Operands whose base or row stride is not 16-byte aligned take the pointer kernel.
+    tma: bool = False
 
     def __post_init__(self):
         if not 1 <= self.group <= 4:
@@ -80,6 +85,11 @@ class GemvConfig:
         if self.persistent and (self.persistent < 0 or self.split_k > 1 or self.group > 1 or self.prefetch_k):
             raise ValueError(f"persistent={self.persistent} must be >= 0 and takes plain tiles only (got "
                              f"split_k={self.split_k}, group={self.group}, prefetch_k={self.prefetch_k})")
+        if self.tma and (self.split_k > 1 or self.group > 1 or self.prefetch_k or self.persistent or
+                         self.trigger_left):
+            raise ValueError(f"tma=True takes plain or swapped tiles only (got split_k={self.split_k}, group="
+                             f"{self.group}, prefetch_k={self.prefetch_k}, persistent={self.persistent}, "
+                             f"trigger_left={self.trigger_left})")
         if self.trigger_left < 0 or (self.trigger_left and self.late_trigger is False):
             raise ValueError(f"trigger_left={self.trigger_left} must be >= 0, and 0 unless the trigger is late "
                              f"(late_trigger={self.late_trigger})")
@@ -272,6 +282,30 @@ def _skinny_gemm_persistent_kernel(
         pdl_trigger(PDL)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _skinny_gemm_tma_kernel(
+    x_desc, w_desc, y_ptr, M, N, K, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr, LATE_TRIGGER: tl.constexpr, SWAP: tl.constexpr,
+):  # fmt: skip
+    # Program pid: rows [pid * BLOCK_N, +BLOCK_N) of y over all of K, the operands fetched by TMA: the
+    # descriptors' boxes are [BLOCK_M, BLOCK_K] of x and [BLOCK_N, BLOCK_K] of w, zero beyond M, N and K.
+    pid = tl.program_id(0)
+    pdl_wait(PDL)
+    if not LATE_TRIGGER:
+        pdl_trigger(PDL)
+    off_n = pid * BLOCK_N
+    acc = _zero_acc(BLOCK_M, BLOCK_N, SWAP)
+    for k in range(0, K, BLOCK_K):
+        acc = _mma(x_desc.load([0, k]), w_desc.load([off_n, k]), acc, SWAP, PRECISION)
+    if LATE_TRIGGER:
+        pdl_trigger(PDL)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    _store_tile(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, (offs_m < M)[:, None] & (offs_n < N)[None, :],
+                SWAP)
+
+
 SMEM_PER_SM = 228 * 1024  # Hopper (H100, H200): per SM, of which 1 KB per resident program is reserved
 
 
@@ -329,6 +363,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     block_m = max(16, triton.next_power_of_2(M))
     if cfg.persistent:
         return _launch_persistent(x, w, y, cfg, block_m)
+    if cfg.tma and tma_aligned(x, w):
+        return _launch_tma(x, w, y, cfg, block_m)
     n_tiles, split_k, k_split = launch_grid(N, K, cfg)
     line = 128 // w.element_size()  # columns per 128-byte line: prefetch_k >= 64 covers whole lines of any dtype
     late = cfg.late_trigger
@@ -368,6 +404,30 @@ def _launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: G
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late), SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
+    )  # fmt: skip
+    return y
+
+
+def tma_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can fetch these operands: 16-byte aligned base addresses and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+
+
+def _launch_tma(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: GemvConfig, block_m: int):
+    """:func:`skinny_linear` for a ``tma`` tile: host-built tensor descriptors (a kernel parameter each, so a
+    CUDA graph keeps them with the launch)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (M, K), N = x.shape, w.shape[0]
+    n_tiles = triton.cdiv(N, cfg.block_n)
+    late = cfg.late_trigger
+    if late is None:
+        late = pdl.late_trigger(n_tiles, _capacity(cfg, block_m, x))
+    _skinny_gemm_tma_kernel[(n_tiles,)](
+        TensorDescriptor.from_tensor(x, [block_m, cfg.block_k]), TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
+        y, M, N, K, y.stride(0), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late),
+        SWAP=cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
 

@@ -122,12 +122,12 @@ def test_tma_tile_falls_back_to_pointers_where_tma_cannot_fetch(kernel_device, m
     cfg = GemvConfig(block_n=32, block_k=64, num_stages=3, tma=True)
     w = _rand(40, 301, dtype=torch.float32, device=kernel_device, seed=1)
     x = _rand(3, 301, dtype=torch.float32, device=kernel_device)
-    assert not skinny_gemm.tma_aligned(x, w)
+    assert not skinny_gemm.tma_usable(x, w)
     torch.testing.assert_close(skinny_linear(x, w, cfg), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
     base = _rand(3, 257, dtype=torch.float32, device=kernel_device)
     x_off = base[:, 1:]  # 256 columns, a 1028-byte row stride and a base 4 bytes in
     w_ok = _rand(40, 256, dtype=torch.float32, device=kernel_device, seed=2)
-    assert not skinny_gemm.tma_aligned(x_off, w_ok)
+    assert not skinny_gemm.tma_usable(x_off, w_ok)
     torch.testing.assert_close(skinny_linear(x_off, w_ok, cfg), skinny_linear_ref(x_off, w_ok), rtol=1e-5, atol=1e-4)
     assert launched == []
     x_ok = _rand(3, 256, dtype=torch.float32, device=kernel_device)
@@ -244,6 +244,7 @@ def test_pick_config_covers_the_shapes_it_was_measured_on():
             cfg = pick_config(M, N, K)
             assert cfg.block_k <= K and K % cfg.block_k == 0
             assert (cfg.split_k == 1) == (N >= 8192)
+            assert cfg.tma == (N >= 8192)  # TMA loads for the wide weights (docs/perf/2026-12-07c.md)
     assert pick_config(4, 257, 2048) == GemvConfig(block_n=32, block_k=128, num_stages=3, split_k=8)
 
 
@@ -489,11 +490,11 @@ def test_pdl_trigger_and_prefetch_variants_equal_the_default_in_a_dependent_chai
             base = pick_config(h.shape[0], w.shape[0], w.shape[1])
             plain = base.split_k == 1
             if persistent and plain:  # the same tile looping over row tiles: the same sums in the same order
-                cfg = dataclasses.replace(base, late_trigger=late, persistent=persistent)
+                cfg = dataclasses.replace(base, late_trigger=late, persistent=persistent, tma=False)
             elif tma and plain:  # the same tile, its loads by TMA
                 cfg = dataclasses.replace(base, late_trigger=late, tma=True)
-            else:
-                cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=prefetch, trigger_left=left,
+            else:  # the pointer kernel's options (the same tile with cp.async loads)
+                cfg = dataclasses.replace(base, late_trigger=late, prefetch_k=prefetch, trigger_left=left, tma=False,
                                           **({"group": group, "num_stages": 2} if group > 1 and plain else {}))
             cfg = cfg if variant else base
             h = skinny_linear(h, w, cfg)[:, :2048]

@@ -65,13 +65,15 @@ class GemvConfig:
     trigger_left: int = 0
     # persistent > 0: that many programs per SM, each looping over row tiles (pid, pid + programs, ...) in one
     # flattened, software-pipelined loop, so that a program's next tile starts streaming while it stores the last
-    # one, and no SM waits on a second wave. Plain tiles only (no split_k, group or prefetch). Not yet timed on a
-    # GPU: the sweep's (bench_gemv.py --persistent), not pick_config's.
+    # one, and no SM waits on a second wave. Plain tiles only (no split_k, group or prefetch). Measured (H100,
+    # docs/perf/2026-12-07c.md): 0.4-1.4 us slower than the picked tiles on the 35B-A3B in_proj at every M; the
+    # sweep's (bench_gemv.py --persistent), not pick_config's.
     persistent: int = 0
     # tma: the loads are Hopper's TMA (one bulk tensor copy per operand and K step, out-of-bounds rows and
     # columns zero-filled by the copy engine) instead of per-thread cp.async with masks: fewer instructions
     # per byte, no address arithmetic. Plain and swapped tiles only (no split_k, group, prefetch or
-    # persistent). Operands whose base or row stride is not 16-byte aligned take the pointer kernel.
+    # persistent). Operands whose base or row stride is not 16-byte aligned, or a GPU older than Hopper, take
+    # the pointer kernel. pick_config's tile for wide weights (docs/perf/2026-12-07c.md).
     tma: bool = False
 
     def __post_init__(self):
@@ -99,22 +101,23 @@ _prefetch_k = 0
 
 
 def set_pdl_prefetch(prefetch_k: int) -> None:
-    """Process-wide ``prefetch_k`` for every launch that takes :func:`pick_config`'s tile (the engine's
-    ``--skinny-prefetch``; no effect without PDL)."""
+    """Process-wide ``prefetch_k`` for every launch that takes :func:`pick_config`'s tile with cp.async loads
+    (the engine's ``--skinny-prefetch``; no effect without PDL, nor on the wide weights' TMA tiles)."""
     global _prefetch_k
     GemvConfig(prefetch_k=prefetch_k)  # validates
     _prefetch_k = prefetch_k
 
 
 def pick_config(M: int, N: int, K: int) -> GemvConfig:
-    """The tile for a shape, from scripts/bench_gemv.py's sweeps on an H200 (docs/perf/2026-11-28d.md).
+    """The tile for a shape, from scripts/bench_gemv.py's sweeps (docs/perf/2026-11-28d.md onwards).
 
-    Wide weights (the GDN in_proj, N >= 8192) have row tiles to spare: 32 rows x 128 K per step, 3 stages
-    (35B-A3B 14.7-15.3 us at M <= 16, 1.22-1.26x the floor; 122B-A10B 31.7 us, 1.05x, where 256-wide K
-    steps took 40); 64 rows once the token tile is 32 or 64 rows (35B-A3B M=64: 16.3 us, against 22.4),
-    swapped (y^T = w x^T) at 17-32 tokens: 35B-A3B 14.87 us against 15.55 (H200, docs/perf/2026-11-28g.md),
-    9B 37.07 against 38.73 and 122B-A10B 45.96 against 47.46 (H100, docs/perf/2026-12-06.md). The PDL
-    trigger is not part of the tile: see :func:`pdl.late_trigger`.
+    Wide weights (the GDN in_proj, N >= 8192) have row tiles to spare. Their operands arrive by TMA, which
+    beat the same tiles' cp.async loads on the 35B-A3B and 122B-A10B in_proj at every M measured (H100,
+    docs/perf/2026-12-07c.md; `bench layer`, 36 / 24 distinct layers: 35B-A3B 18.16-19.57 us, 1.09-1.13x
+    the floor, against 18.27-20.12; 122B-A10B 42.55-46.62 us, 1.02-1.09x, against 43.00-49.83). The tile:
+    64 rows x 128 K per step, 3 stages, swapped (y^T = w x^T: the weight rows on the wgmma's 64-row side)
+    up to 32 tokens; 32 rows, not swapped, at 33-64 tokens (35B-A3B M=64: 19.65 us; 122B-A10B 46.46, against
+    49.61 with cp.async). The PDL trigger is not part of the tile: see :func:`pdl.late_trigger`.
     Narrow ones (the out_proj, N = 2048 or 4096) split K four ways at M <= 16 (35B-A3B 8.2 us, cuBLAS 9.7
     with its split-K reduce; 9B 11.9, cuBLAS 13.4), two ways above. The MoE router GEMM (N = 257) has so
     few rows that K splits eight ways over 32-row tiles: 4.1-4.2 us at M <= 16, against 5.6-5.8 with the
@@ -122,9 +125,9 @@ def pick_config(M: int, N: int, K: int) -> GemvConfig:
     if N <= 512:
         return GemvConfig(block_n=32 if M <= 16 else 16, block_k=128, num_stages=3, split_k=8 if M <= 16 else 4)
     if N >= 8192:
-        if 16 < M <= 32:  # the swapped 64-row tile (wgmma): faster on all three in_proj shapes measured
-            return GemvConfig(block_n=64, block_k=128, num_stages=3, swap=True)
-        return GemvConfig(block_n=32 if M <= 16 else 64, block_k=128, num_stages=3)
+        if M <= 32:
+            return GemvConfig(block_n=64, block_k=128, num_stages=3, swap=True, tma=True)
+        return GemvConfig(block_n=32, block_k=128, num_stages=3, tma=True)
     if M <= 16:
         return GemvConfig(block_n=64, block_k=128, num_stages=5 if N <= 2048 else 3, split_k=4)
     return GemvConfig(block_n=32, block_k=128, num_stages=5, split_k=2)
@@ -358,12 +361,14 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     for name, t in (("x", x), ("w", w)):
         if t.stride(1) != 1:
             raise ValueError(f"{name} needs unit stride along K (call .contiguous() first)")
-    cfg = config or dataclasses.replace(pick_config(M, N, K), prefetch_k=_prefetch_k)
+    cfg = config or pick_config(M, N, K)
+    if config is None and _prefetch_k and not cfg.tma:  # --skinny-prefetch: a pointer-kernel option
+        cfg = dataclasses.replace(cfg, prefetch_k=_prefetch_k)
     y = x.new_empty(M, N)
     block_m = max(16, triton.next_power_of_2(M))
     if cfg.persistent:
         return _launch_persistent(x, w, y, cfg, block_m)
-    if cfg.tma and tma_aligned(x, w):
+    if cfg.tma and tma_usable(x, w):
         return _launch_tma(x, w, y, cfg, block_m)
     n_tiles, split_k, k_split = launch_grid(N, K, cfg)
     line = 128 // w.element_size()  # columns per 128-byte line: prefetch_k >= 64 covers whole lines of any dtype
@@ -408,8 +413,17 @@ def _launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: G
     return y
 
 
-def tma_aligned(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can fetch these operands: 16-byte aligned base addresses and row strides."""
+_tma_devices: dict[torch.device, bool] = {}
+
+
+def tma_usable(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can fetch these operands: 16-byte aligned base addresses and row strides, on a GPU that
+    has TMA (compute capability 9.0, Hopper, or newer) or under Triton's CPU interpreter, which emulates it."""
+    device = tensors[0].device
+    if device.type == "cuda" and device not in _tma_devices:
+        _tma_devices[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    if device.type == "cuda" and not _tma_devices[device]:
+        return False
     return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
 
 

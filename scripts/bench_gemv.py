@@ -185,7 +185,7 @@ def chain_ab(args: argparse.Namespace) -> None:
           f"{', RMSNorm before each GEMM' if args.with_norm else ''}")
     rows = []
     for name, n, k, m, weights, x in cases(args):
-        base = pick_config(m, n, k)
+        base = dataclasses.replace(pick_config(m, n, k), tma=False)  # the prefetch is a cp.async-kernel option
         gamma = torch.zeros(k, device="cuda", dtype=torch.bfloat16)
         times = {v[0]: [] for v in CHAIN_VARIANTS}
         for variant in CHAIN_VARIANTS + CHAIN_VARIANTS[::-1]:
@@ -376,12 +376,12 @@ def main() -> None:
         if args.swap or args.group or args.overlap or args.persistent or args.tma:  # only these: checked, then timed
             grid = list(SWAP_GRID if args.swap else GROUP_GRID if args.group else OVERLAP_GRID if args.overlap
                         else PERSISTENT_GRID if args.persistent else TMA_GRID)
-            if args.persistent or args.tma:
+            if args.persistent:
                 grid.append(pick_config(m, n, k))
-            if args.tma:
-                grid.append(dataclasses.replace(pick_config(m, n, k), tma=True))
+            if args.tma:  # the picked tile both ways
+                grid += [dataclasses.replace(pick_config(m, n, k), tma=t) for t in (False, True)]
             if args.overlap:  # the picked tile (with its own trigger) and its late-trigger variants as controls
-                base = pick_config(m, n, k)
+                base = dataclasses.replace(pick_config(m, n, k), tma=False)  # trigger_left: cp.async kernel only
                 grid += [base] + [dataclasses.replace(base, late_trigger=True, trigger_left=t, prefetch_k=pf)
                                   for t, pf in ((0, 0), (2, 256), (4, 256))]
             ref = F.linear(x, weights[0]).float()

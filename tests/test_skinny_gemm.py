@@ -135,6 +135,27 @@ def test_tma_tile_falls_back_to_pointers_where_tma_cannot_fetch(kernel_device, m
     assert launched == [1]
 
 
+def test_wide_weights_take_tma_tiles_and_skip_the_prefetch_option(kernel_device):
+    """pick_config's tile for a weight of 8,192 rows or more loads by TMA; ``--skinny-prefetch`` (a cp.async
+    option) leaves it alone instead of making an invalid tile (narrow weights still take the prefetch:
+    test_late_trigger_and_prefetch_reach_the_launch)."""
+    from deltaserve.ops import skinny_gemm
+
+    x = _rand(2, 64, dtype=torch.float32, device=kernel_device)
+    w = _rand(8200, 64, dtype=torch.float32, device=kernel_device, seed=1)
+    assert pick_config(2, 8200, 64).tma and not pick_config(2, 4096, 64).tma
+    seen = []
+    real = skinny_gemm._launch_tma
+    skinny_gemm.set_pdl_prefetch(128)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(skinny_gemm, "_launch_tma", lambda x, w, y, cfg, bm: seen.append(cfg) or real(x, w, y, cfg, bm))
+            torch.testing.assert_close(skinny_linear(x, w), skinny_linear_ref(x, w), rtol=1e-5, atol=1e-4)
+    finally:
+        skinny_gemm.set_pdl_prefetch(0)
+    assert [c.prefetch_k for c in seen] == [0]
+
+
 def test_tma_tile_takes_plain_or_swapped_tiles_only():
     for bad in (dict(split_k=2), dict(group=2), dict(prefetch_k=256), dict(persistent=1),
                 dict(late_trigger=True, trigger_left=1)):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from deltaserve.ops import pdl
 from deltaserve.ops.arrival import counters
@@ -340,6 +341,18 @@ def _capacity(cfg: GemvConfig, block_m: int, x: torch.Tensor) -> int | None:
     return _sms(x.device) * resident_per_sm(cfg, block_m, x.element_size())
 
 
+def _late_trigger(cfg: GemvConfig, programs: int, block_m: int, x: torch.Tensor) -> bool:
+    """The tile's PDL trigger, or where it leaves it open, by how much of the GPU the grid fills (only matters
+    under PDL)."""
+    late = cfg.late_trigger
+    return bool(pdl.late_trigger(programs, _capacity(cfg, block_m, x)) if late is None else late)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """The dots' input precision: IEEE for fp32 inputs (exact enough for the parity tests), else tensor cores."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def launch_grid(N: int, K: int, cfg: GemvConfig) -> tuple[int, int, int]:
     """``(row tiles, K splits, columns per split)`` of a launch: each split covers a whole number of
     BLOCK_K steps, so a short K gets fewer splits than ``cfg.split_k`` asks for."""
@@ -372,9 +385,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
         return _launch_tma(x, w, y, cfg, block_m)
     n_tiles, split_k, k_split = launch_grid(N, K, cfg)
     line = 128 // w.element_size()  # columns per 128-byte line: prefetch_k >= 64 covers whole lines of any dtype
-    late = cfg.late_trigger
-    if late is None:  # by how much of the GPU the grid fills (only matters under PDL)
-        late = pdl.late_trigger(n_tiles * split_k, _capacity(cfg, block_m, x))
+    late = _late_trigger(cfg, n_tiles * split_k, block_m, x)
     if split_k > 1:
         ws, cnt = torch.empty(split_k * block_m * N, dtype=torch.float32, device=x.device), counters(x.device, n_tiles)
     else:
@@ -382,7 +393,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = 
     _skinny_gemm_kernel[(n_tiles, split_k)](
         x, w, y, ws, cnt, M, N, K, k_split, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
-        SPLIT_K=split_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late),
+        SPLIT_K=split_k, PRECISION=_precision(x), LATE_TRIGGER=late,
         PREFETCH_K=min(cfg.prefetch_k, max(line, triton.next_power_of_2(k_split))), LINE=line, SWAP=cfg.swap,
         GROUP=cfg.group, TRIGGER_LEFT=cfg.trigger_left if late else 0, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch_args(),
@@ -401,13 +412,11 @@ def _launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: G
     (M, K), N = x.shape, w.shape[0]
     n_tiles = triton.cdiv(N, cfg.block_n)
     programs = persistent_programs(n_tiles, cfg, x.device)
-    late = cfg.late_trigger
-    if late is None:
-        late = pdl.late_trigger(programs, _capacity(cfg, block_m, x))
+    late = _late_trigger(cfg, programs, block_m, x)
     _skinny_gemm_persistent_kernel[(programs,)](
         x, w, y, M, N, K, n_tiles, programs, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=K % cfg.block_k == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late), SWAP=cfg.swap,
+        PRECISION=_precision(x), LATE_TRIGGER=late, SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
@@ -416,31 +425,31 @@ def _launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: G
 _tma_devices: dict[torch.device, bool] = {}
 
 
-def tma_usable(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can fetch these operands: 16-byte aligned base addresses and row strides, on a GPU that
-    has TMA (compute capability 9.0, Hopper, or newer) or under Triton's CPU interpreter, which emulates it."""
-    device = tensors[0].device
-    if device.type == "cuda" and device not in _tma_devices:
+def _has_tma(device: torch.device) -> bool:
+    """A GPU of compute capability 9.0 (Hopper) or newer, or Triton's CPU interpreter, which emulates TMA."""
+    if device.type != "cuda":
+        return True
+    if device not in _tma_devices:
         _tma_devices[device] = torch.cuda.get_device_capability(device)[0] >= 9
-    if device.type == "cuda" and not _tma_devices[device]:
-        return False
-    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+    return _tma_devices[device]
+
+
+def tma_usable(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can fetch these operands: 16-byte aligned base addresses and row strides, on a device that
+    has TMA (:func:`_has_tma`)."""
+    return _has_tma(tensors[0].device) and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
 
 
 def _launch_tma(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cfg: GemvConfig, block_m: int):
     """:func:`skinny_linear` for a ``tma`` tile: host-built tensor descriptors (a kernel parameter each, so a
     CUDA graph keeps them with the launch)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     (M, K), N = x.shape, w.shape[0]
     n_tiles = triton.cdiv(N, cfg.block_n)
-    late = cfg.late_trigger
-    if late is None:
-        late = pdl.late_trigger(n_tiles, _capacity(cfg, block_m, x))
+    late = _late_trigger(cfg, n_tiles, block_m, x)
     _skinny_gemm_tma_kernel[(n_tiles,)](
         TensorDescriptor.from_tensor(x, [block_m, cfg.block_k]), TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
         y, M, N, K, y.stride(0), BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LATE_TRIGGER=bool(late),
+        PRECISION=_precision(x), LATE_TRIGGER=late,
         SWAP=cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(),
     )  # fmt: skip
     return y
